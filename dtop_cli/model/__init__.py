@@ -1,0 +1,18 @@
+"""DToP model modules, registered in mmseg's MODELS registry on import.
+
+A plain mmseg config can use ``DToPSegmentor``, ``DToPViT``, ``ATMHead`` and ``ATMLoss`` after
+``custom_imports=dict(imports=['dtop_cli.model'])``.
+"""
+
+from mmseg.registry import MODELS
+
+from .atm_head import ATMHead
+from .loss import ATMLoss
+from .segmentor import DToPOutput, DToPSegmentor
+from .vit import DToPViT
+
+for _cls in (DToPViT, ATMHead, ATMLoss):
+    if MODELS.get(_cls.__name__) is None:
+        MODELS.register_module(module=_cls)
+
+__all__ = ["ATMHead", "ATMLoss", "DToPOutput", "DToPSegmentor", "DToPViT"]

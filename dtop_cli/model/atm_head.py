@@ -1,0 +1,81 @@
+"""ATM head (SegViT): class queries attend to the tokens; the attention logits are the masks.
+
+A head is a pure function of the tokens it is given: ``forward(tokens, valid)`` returns
+(presence logits, mask logits per token). It keeps nothing between calls. Retired tokens are
+simply not passed in, so they are not keys of its cross-attention.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import MaskCrossAttention, SelfAttention, trunc_normal_init
+
+
+class ATMDecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attn over queries, cross-attn to tokens, ReLU FFN.
+
+    Same structure and parameter names as torch's ``TransformerDecoderLayer`` with SegViT's
+    cross-attention swapped in (``multihead_attn.{q,k,v,proj}``).
+    """
+
+    def __init__(self, dims: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(dims, num_heads, attn_drop=dropout)
+        self.multihead_attn = MaskCrossAttention(dims, num_heads, attn_drop=dropout)
+        self.linear1 = nn.Linear(dims, 4 * dims)
+        self.linear2 = nn.Linear(4 * dims, dims)
+        self.norm1 = nn.LayerNorm(dims)
+        self.norm2 = nn.LayerNorm(dims)
+        self.norm3 = nn.LayerNorm(dims)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(self, q: Tensor, memory: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        q = self.norm1(q + self.dropout1(self.self_attn(q)))
+        attended, mask_logits = self.multihead_attn(q, memory, valid)
+        q = self.norm2(q + self.dropout2(attended))
+        q = self.norm3(q + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(q))))))
+        return q, mask_logits
+
+
+class ATMDecoder(nn.Module):
+    def __init__(self, dims: int, num_heads: int, num_layers: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ATMDecoderLayer(dims, num_heads, dropout) for _ in range(num_layers))
+
+
+class ATMHead(nn.Module):
+    """One head per stage. `loss_decode` is built from its config by the caller's registry."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, num_heads: int,
+                 num_layers: int = 3, dropout: float = 0.1, loss_decode: Optional[dict] = None,
+                 align_corners: bool = False, init_cfg: Optional[dict] = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.out_channels = num_classes
+        self.align_corners = align_corners
+        self.input_proj = nn.Linear(in_channels, channels)
+        self.proj_norm = nn.LayerNorm(channels)
+        self.decoder = ATMDecoder(channels, num_heads, num_layers, dropout)
+        self.q = nn.Embedding(num_classes, channels)
+        self.class_embed = nn.Linear(channels, 2)
+        if loss_decode is not None:
+            from mmseg.registry import MODELS
+
+            self.loss_decode = MODELS.build(loss_decode)
+        trunc_normal_init(self)
+
+    def forward(self, tokens: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """tokens (B, L, D) -> presence logits (B, K, 2), mask logits (B, K, L)."""
+        memory = self.proj_norm(self.input_proj(tokens))
+        q = self.q.weight.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        mask_logits = None
+        for layer in self.decoder.layers:
+            q, mask_logits = layer(q, memory, valid)
+        return self.class_embed(q), mask_logits

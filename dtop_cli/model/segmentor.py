@@ -1,0 +1,209 @@
+"""DToP segmentor: stage -> head -> exit decision -> next stage, batched over images.
+
+Data flows one way. ``forward_dtop`` embeds the image, runs the backbone one stage at a time,
+asks that stage's head for class scores of the tokens it saw, lets the pure exit policy
+(:mod:`.exits`) pick the tokens that leave, and packs the remaining tokens of all images
+into one padded batch for the next stage. The mask logits of each token are taken from the
+head that saw it last (its exit head), the class presence from the last head.
+
+At threshold 1.0 nothing can exit, so in inference the auxiliary heads are skipped
+entirely; in training they always run (deep supervision) and exits are decided without
+gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from mmengine.config import ConfigDict
+from mmengine.structures import PixelData
+from mmseg.models.segmentors import EncoderDecoder
+from mmseg.registry import MODELS
+from torch import Tensor
+
+from . import exits as X
+
+
+@dataclass
+class DToPOutput:
+    """Everything one batched forward produced.
+
+    scores: (B, K, h, w) final class scores. exit_stage: (B, h, w) 1..S, the stage whose
+    head finalised each token. active_counts: (B, S) tokens each stage's layers ran on.
+    stage_presence / stage_masks: per head that ran, its presence logits (B, K, 2) and the
+    merged mask logits (B, K, h, w) up to that stage (retired tokens keep their exit head's
+    logits); used for deep supervision and per-stage evaluation.
+    """
+
+    scores: Tensor
+    exit_stage: Tensor
+    active_counts: Tensor
+    stage_presence: List[Optional[Tensor]] = field(default_factory=list)
+    stage_masks: List[Optional[Tensor]] = field(default_factory=list)
+
+
+@MODELS.register_module()
+class DToPSegmentor(EncoderDecoder):
+    """mmseg segmentor running DToP.
+
+    exit_cfg: dict(threshold=float in (0, 1], keep_topk=int). `threshold` can be changed on a
+    built model (evaluation at another threshold). `eval_stage` (1..S or None) makes
+    inference output the given head's own prediction (per-stage mIoU of a base model).
+    """
+
+    def __init__(self, backbone: dict, decode_head: dict, auxiliary_head: list, exit_cfg: dict,
+                 train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None,
+                 data_preprocessor: Optional[dict] = None, pretrained: Optional[str] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(backbone=backbone, decode_head=decode_head, auxiliary_head=auxiliary_head,
+                         train_cfg=train_cfg, test_cfg=test_cfg, data_preprocessor=data_preprocessor,
+                         pretrained=pretrained, init_cfg=init_cfg)
+        # attribute access (cfg.stride) as mmseg's own inference code expects
+        self.test_cfg = ConfigDict(test_cfg or dict(mode="whole"))
+        n_stages = len(self.backbone.stage_ends)
+        if len(self.auxiliary_head) != n_stages - 1:
+            raise ValueError(f"{n_stages} stages need {n_stages - 1} auxiliary heads, got {len(self.auxiliary_head)}")
+        self.threshold = float(exit_cfg.get("threshold", 1.0))
+        self.keep_topk = int(exit_cfg.get("keep_topk", 5))
+        self.eval_stage: Optional[int] = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.backbone.stage_ends)
+
+    def heads(self) -> list:
+        return [*self.auxiliary_head, self.decode_head]
+
+    # ------------------------------------------------------------------ core
+    def forward_dtop(self, inputs: Tensor, forced_exits: Optional[List[Tensor]] = None) -> DToPOutput:
+        """Run the staged model on a batch of normalised images (B, 3, H, W).
+
+        forced_exits: for benchmarks and tests, one (B, h*w) bool mask per non-final stage
+        naming the tokens (by grid position) that leave after it, instead of the threshold
+        rule. Tokens already gone are ignored; heads still run as with exits active.
+        """
+        prune = self.threshold < 1.0 or forced_exits is not None
+        need_all_heads = self.training or prune or self.eval_stage is not None
+        x, (gh, gw) = self.backbone.embed(inputs)
+        B, N = x.shape[:2]
+        S = self.num_stages
+        heads = self.heads()
+        pos: Optional[Tensor] = None  # (B, L) token index of each slot; None = all tokens in order
+        valid: Optional[Tensor] = None  # (B, L) real slots; None = no padding
+        merged: Optional[Tensor] = None  # (B, K, N) mask logits from each token's latest head
+        exit_stage = torch.full((B, N), S, dtype=torch.long, device=x.device)
+        counts = torch.zeros(B, S, dtype=torch.long, device=x.device)
+        stage_presence: List[Optional[Tensor]] = [None] * S
+        stage_masks: List[Optional[Tensor]] = [None] * S
+        presence = None
+        for s, (start, end) in enumerate(self.backbone.stage_bounds()):
+            counts[:, s] = x.shape[1] if valid is None else valid.sum(1)
+            x = self.backbone.forward_layers(x, start, end, valid)
+            last = s == S - 1
+            if not (last or need_all_heads):
+                continue
+            presence, masks = heads[s](x, valid)
+            merged = masks if pos is None else X.scatter_tokens(merged, masks, pos, valid)
+            stage_presence[s] = presence
+            stage_masks[s] = merged.view(B, -1, gh, gw)
+            if last or not prune:
+                continue
+            with torch.no_grad():
+                slot_pos = pos if pos is not None else torch.arange(N, device=x.device).expand(B, N)
+                if forced_exits is not None:
+                    leaving = forced_exits[s].to(x.device).gather(1, slot_pos)
+                    leaving = leaving if valid is None else leaving & valid
+                else:
+                    leaving = X.exit_decision(X.token_scores(presence, masks), self.threshold, self.keep_topk, valid)
+                # an image keeps at least one token (slot 0 is always real): heads need a key
+                leaving[:, 0] &= (~leaving if valid is None else valid & ~leaving).any(1)
+                if not bool(leaving.any()):
+                    continue
+                exit_stage.scatter_(1, slot_pos, torch.where(leaving, s + 1, exit_stage.gather(1, slot_pos)))
+                active = ~leaving if valid is None else valid & ~leaving
+                idx, valid = X.compact_plan(active)
+                valid = X.drop_full_mask(valid)
+                pos = X.gather_tokens(slot_pos, idx)
+            x = X.gather_tokens(x, idx)
+        if self.eval_stage is not None:
+            presence = stage_presence[self.eval_stage - 1]
+            merged = stage_masks[self.eval_stage - 1].flatten(2)
+        scores = X.token_scores(presence, merged).view(B, -1, gh, gw)
+        return DToPOutput(scores, exit_stage.view(B, gh, gw), counts, stage_presence, stage_masks)
+
+    # ------------------------------------------------------------------ mmseg API
+    def extract_feat(self, inputs: Tensor) -> DToPOutput:  # type: ignore[override]
+        return self.forward_dtop(inputs)
+
+    def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]) -> Tensor:
+        """Class scores resized to the input size (what slide/whole inference average)."""
+        return self._scores_at_input(self.forward_dtop(inputs), inputs)
+
+    def _scores_at_input(self, out: DToPOutput, inputs: Tensor) -> Tensor:
+        return F.interpolate(out.scores, size=inputs.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+
+    def _forward(self, inputs: Tensor, data_samples=None) -> Tensor:
+        return self.forward_dtop(inputs).scores
+
+    def loss(self, inputs: Tensor, data_samples: list) -> dict:
+        """Deep supervision: every head's merged prediction gets the ATM loss, weight 1 each."""
+        out = self.forward_dtop(inputs)
+        labels = torch.stack([ds.gt_sem_seg.data for ds in data_samples]).squeeze(1).long()
+        losses = {}
+        names = [f"aux_{i}" for i in range(self.num_stages - 1)] + ["decode"]
+        for head, name, presence, masks in zip(self.heads(), names, out.stage_presence, out.stage_masks):
+            for k, v in head.loss_decode(presence, masks, labels).items():
+                losses[f"{name}.{k}"] = v
+        return losses
+
+    def infer_with_exits(self, inputs: Tensor, batch_img_metas: List[dict]) -> tuple[Tensor, Tensor, list]:
+        """Inference by the test protocol, also returning the exit-stage map and token counts.
+
+        Returns seg scores (B, K, H, W), exit stage per pixel (B, H, W) (max over overlapping
+        windows in slide mode) and, per image, a list of (window h, window w, counts per stage).
+        """
+        B, _, H, W = inputs.shape
+        if self.test_cfg.get("mode", "whole") == "slide":
+            h_stride, w_stride = self.test_cfg.stride
+            h_crop, w_crop = self.test_cfg.crop_size
+            h_grids = max(H - h_crop + h_stride - 1, 0) // h_stride + 1
+            w_grids = max(W - w_crop + w_stride - 1, 0) // w_stride + 1
+            windows = []
+            for hi in range(h_grids):
+                for wi in range(w_grids):
+                    y2, x2 = min(hi * h_stride + h_crop, H), min(wi * w_stride + w_crop, W)
+                    windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+        else:
+            windows = [(0, H, 0, W)]
+        preds = inputs.new_zeros((B, self.out_channels, H, W))
+        count = inputs.new_zeros((B, 1, H, W))
+        stage_pix = torch.zeros(B, H, W, dtype=torch.long, device=inputs.device)
+        per_image: list = [[] for _ in range(B)]
+        for y1, y2, x1, x2 in windows:
+            crop = inputs[:, :, y1:y2, x1:x2]
+            out = self.forward_dtop(crop)
+            preds[:, :, y1:y2, x1:x2] += self._scores_at_input(out, crop)
+            count[:, :, y1:y2, x1:x2] += 1
+            st = F.interpolate(out.exit_stage[:, None].float(), scale_factor=self.backbone.patch_size,
+                               mode="nearest")[:, 0, : y2 - y1, : x2 - x1].long()
+            stage_pix[:, y1:y2, x1:x2] = torch.maximum(stage_pix[:, y1:y2, x1:x2], st)
+            for b in range(B):
+                per_image[b].append((y2 - y1, x2 - x1, out.active_counts[b].tolist()))
+        return preds / count, stage_pix, per_image
+
+    def predict(self, inputs: Tensor, data_samples: Optional[list] = None) -> list:
+        """mmseg predict + `exit_stage` (PixelData at input resolution) and token counts."""
+        if data_samples is not None:
+            metas = [ds.metainfo for ds in data_samples]
+        else:
+            shape = inputs.shape[2:]
+            metas = [dict(ori_shape=shape, img_shape=shape, pad_shape=shape, padding_size=[0, 0, 0, 0])] * inputs.shape[0]
+        seg, stage_pix, per_image = self.infer_with_exits(inputs, metas)
+        results = self.postprocess_result(seg, data_samples)
+        for ds, st, windows in zip(results, stage_pix, per_image):
+            ds.set_data({"exit_stage": PixelData(data=st[None])})
+            ds.set_metainfo({"dtop_windows": windows})
+        return results

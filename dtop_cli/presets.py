@@ -1,0 +1,356 @@
+"""YAML presets: the one source of truth for every number of a run.
+
+A preset is read from ``presets/<name>.yaml`` (or any path), overridden with ``--set
+dotted.key=value`` and validated against the dataclasses below. Validation is strict on
+purpose: a typo in a key silently ignored would train the wrong model for days. Every
+problem is reported as one line naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+class PresetError(UserError):
+    """A preset file or override that does not match the schema."""
+
+
+# --------------------------------------------------------------------------- schema
+# Each field's metadata may carry: length (exact list length), check (callable, text).
+
+
+def _len(n: int) -> dict:
+    return {"length": n}
+
+
+@dataclass(frozen=True)
+class HeadCfg:
+    channels: int
+    num_heads: int
+    num_layers: int
+    dropout: float
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    backbone: str
+    embed_dims: int
+    num_layers: int
+    num_heads: int
+    patch_size: int
+    mlp_ratio: float
+    drop_path_rate: float
+    stage_ends: list[int] = field(metadata=_len(3))
+    head: HeadCfg
+    pretrained: Optional[str]
+
+
+@dataclass(frozen=True)
+class ExitCfg:
+    threshold: float = field(metadata={"check": (lambda v: 0 < v <= 1, "a number in (0, 1]")})
+    keep_topk: int = field(metadata={"check": (lambda v: v >= 0, "an integer >= 0")})
+
+
+@dataclass(frozen=True)
+class LossCfg:
+    cls_weight: float
+    absent_weight: float
+    focal_weight: float
+    dice_weight: float
+    focal_alpha: float
+    focal_gamma: float
+
+
+@dataclass(frozen=True)
+class SplitCfg:
+    img: str
+    ann: str
+    list: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    dataset: str
+    type: str
+    root: str
+    train_split: SplitCfg
+    val_split: SplitCfg
+    num_classes: int
+    reduce_zero_label: bool
+    crop: list[int] = field(metadata=_len(2))
+    train_scale: list[int] = field(metadata=_len(2))
+    test_scale: list[int] = field(metadata=_len(2))
+    test_mode: str = field(metadata={"check": (lambda v: v in ("slide", "whole"), "'slide' or 'whole'")})
+    test_stride: list[int] = field(metadata=_len(2))
+    cat_max_ratio: float
+    mean: list[float] = field(metadata=_len(3))
+    std: list[float] = field(metadata=_len(3))
+    batch_size: int
+    num_workers: int
+    val_images: int
+
+
+@dataclass(frozen=True)
+class OptimCfg:
+    lr: float
+    betas: list[float] = field(metadata=_len(2))
+    weight_decay: float
+    head_lr_mult: float
+    warmup_iters: int
+    warmup_ratio: float
+    poly_power: float
+
+
+@dataclass(frozen=True)
+class PhaseCfg:
+    iters: int
+    poly_iters: int
+
+
+@dataclass(frozen=True)
+class ScheduleCfg:
+    base: PhaseCfg
+    prune: PhaseCfg
+    val_interval: int
+    checkpoint_interval: int
+
+
+@dataclass(frozen=True)
+class PaperCfg:
+    base_miou: float
+    base_gflops: float
+    pruned_miou: float
+    pruned_gflops: float
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    model: ModelCfg
+    exit: ExitCfg
+    loss: LossCfg
+    data: DataCfg
+    optim: OptimCfg
+    schedule: ScheduleCfg
+    paper: Optional[PaperCfg]
+    source: str = field(default="", metadata={"internal": True})
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.model.stage_ends)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (the YAML content), without bookkeeping fields."""
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, meta: typing.Mapping, where: str) -> Any:
+    def bad(expected: str | None = None) -> PresetError:
+        exp = expected or _type_name(tp)
+        return PresetError(f"{where}: key '{key}': expected {exp}, got {value!r}")
+
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(tp) if a is not type(None)]
+        return _convert(value, inner, key, meta, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, where, prefix=key + ".")
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if "length" in meta and len(value) != meta["length"]:
+            raise bad(f"{_type_name(tp)} of length {meta['length']}")
+        out = [_convert(v, inner, f"{key}[{i}]", {}, where) for i, v in enumerate(value)]
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        out = value
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        out = value
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        out = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        out = value
+    else:  # pragma: no cover - schema bug
+        raise TypeError(tp)
+    check = meta.get("check")
+    if check is not None and not check[0](out):
+        raise bad(check[1])
+    return out
+
+
+def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for k in data:
+        if k not in fields:
+            raise PresetError(
+                f"{where}: unknown key '{prefix}{k}' (expected one of: {', '.join(fields)})"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is not dataclasses.MISSING:
+                continue
+            raise PresetError(f"{where}: missing key '{key}' ({_type_name(hints[name])})")
+        kwargs[name] = _convert(data[name], hints[name], key, f.metadata, where)
+    return cls(**kwargs)
+
+
+def _semantic_checks(p: Preset, where: str) -> None:
+    """Cross-field rules the types alone cannot say."""
+    m = p.model
+    ends = m.stage_ends
+    if sorted(ends) != ends or len(set(ends)) != len(ends) or ends[-1] != m.num_layers - 1 or ends[0] < 0:
+        raise PresetError(
+            f"{where}: key 'model.stage_ends': expected strictly increasing layer indices "
+            f"ending at num_layers-1 = {m.num_layers - 1}, got {ends}"
+        )
+    if m.embed_dims % m.num_heads:
+        raise PresetError(f"{where}: key 'model.num_heads': expected a divisor of embed_dims {m.embed_dims}")
+    if m.head.channels % m.head.num_heads:
+        raise PresetError(f"{where}: key 'model.head.num_heads': expected a divisor of head.channels {m.head.channels}")
+    for k in ("crop",):
+        for v in getattr(p.data, k):
+            if v % m.patch_size:
+                raise PresetError(f"{where}: key 'data.{k}': expected multiples of patch_size {m.patch_size}, got {getattr(p.data, k)}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def available() -> list[str]:
+    """Names of the presets shipped in presets/."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
+        if not p.is_file():
+            raise PresetError(f"preset file not found: {name_or_path}")
+        return p
+    cand = PRESET_DIR / f"{name_or_path}.yaml"
+    if not cand.is_file():
+        raise PresetError(f"unknown preset '{name_or_path}' (available: {', '.join(available())}; or give a path to a .yaml file)")
+    return cand
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a','b','c'], value parsed as YAML so 0.9, true, [1,2] work)."""
+    if "=" not in text:
+        raise PresetError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise PresetError(f"--set {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
+    """Apply ``--set`` overrides to the raw mapping (validation happens afterwards)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(nxt, dict):
+                raise PresetError(f"{where}: --set {text}: unknown key '{'.'.join(parts[: i + 1])}'")
+            node = nxt
+        if parts[-1] not in node:
+            raise PresetError(f"{where}: --set {text}: unknown key '{'.'.join(parts)}'")
+        node[parts[-1]] = value
+    return data
+
+
+def load_preset(name_or_path: str, overrides: Optional[list[str]] = None) -> Preset:
+    """Read, override and validate a preset; raises PresetError with one clear line."""
+    path = resolve_path(name_or_path)
+    where = str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PresetError(f"{where}: not valid YAML{at}") from None
+    except OSError as e:
+        raise PresetError(f"{where}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise PresetError(f"{where}: expected a mapping at the top level")
+    if overrides:
+        data = apply_overrides(data, overrides, where)
+    preset = _build(Preset, data, where)
+    _semantic_checks(preset, where)
+    return dataclasses.replace(preset, source=where)
+
+
+def replace(preset: Preset, **changes: Any) -> Preset:
+    """Return a copy with dotted-key changes, e.g. ``replace(p, **{"exit.threshold": 1.0})``."""
+    data = preset.to_dict()
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in changes.items()]
+    data = apply_overrides(data, overrides, preset.source or preset.name)
+    out = _build(Preset, data, preset.source or preset.name)
+    _semantic_checks(out, preset.source or preset.name)
+    return dataclasses.replace(out, source=preset.source)
+
+
+def summary(p: Preset) -> dict[str, Any]:
+    """The `dtop presets --json` entry of one preset (keys are a contract, interface.md)."""
+    return {
+        "name": p.name,
+        "backbone": p.model.backbone,
+        "dataset": p.data.dataset,
+        "crop": list(p.data.crop),
+        "thresh": p.exit.threshold,
+        "keep_topk": p.exit.keep_topk,
+        "stage_ends": list(p.model.stage_ends),
+        "paper": dataclasses.asdict(p.paper) if p.paper else None,
+    }
