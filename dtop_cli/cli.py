@@ -59,7 +59,9 @@ def presets_cmd(as_json: bool = JsonOpt) -> None:
         nums = [f"{pp.base_miou:.1f}", f"{pp.base_gflops:.1f}", f"{pp.pruned_miou:.1f}", f"{pp.pruned_gflops:.1f}"] if pp else ["-"] * 4
         t.add_row(p.name, p.model.backbone, p.data.dataset, "x".join(map(str, p.data.crop)),
                   ",".join(map(str, p.model.stage_ends)), f"{p.exit.threshold:g}", str(p.exit.keep_topk), *nums)
-    out.print(t)
+    t.columns[0].min_width = max(len(p.name) for p in items)  # a preset name is never cut short
+    # Piped output (CI logs, files) gets the whole table rather than rich's 80-column default.
+    (out if out.is_terminal else Console(width=max(out.width, 160))).print(t)
 
 
 @app.command("env")
@@ -82,23 +84,32 @@ def env_cmd(as_json: bool = JsonOpt) -> None:
 
 @app.command("prepare")
 def prepare_cmd(
-    dataset: str = typer.Argument(..., metavar="DATASET", help="ade20k, pascal-context, coco-stuff10k or synthetic."),
+    dataset: str = typer.Argument(
+        ..., metavar="DATASET", help="ade20k, pascal-context, coco-stuff10k or synthetic."
+    ),
     src: Optional[List[Path]] = typer.Option(
-        None, "--src", help="Official archive or its extracted folder (repeatable; pascal-context: the VOC2010 "
-        "tar and trainval_merged.json)."),
-    data_root: Path = typer.Option(Path("data"), "--data-root", help="Folder the presets read datasets from."),
-    download: bool = typer.Option(False, "--download", help="Fetch the official files into DATA_ROOT/downloads "
-                                  "(resumes a partial download)."),
-    sha256: Optional[List[str]] = typer.Option(None, "--sha256", help="Expected SHA-256 of each input, in order "
-                                               "(repeatable)."),
-    url: Optional[List[str]] = typer.Option(None, "--url", help="With --download: a mirror URL instead of the "
-                                            "official one (repeatable, same order)."),
-    verify: bool = typer.Option(False, "--verify", help="Check an existing dataset: pairs per split vs the "
-                                "official counts, sizes, label values. Exit 1 on problems."),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="With --verify: a pair count below the "
-                                       "official one is a warning, not a problem (deliberate subsets)."),
+        None, "--src", help="Official archive or its extracted folder (repeatable; pascal-context: "
+        "the VOC2010 tar and trainval_merged.json)."),
+    data_root: Path = typer.Option(
+        Path("data"), "--data-root", help="Folder the presets read datasets from."),
+    download: bool = typer.Option(
+        False, "--download", help="Fetch the official files into DATA_ROOT/downloads (resumes a partial "
+        "download)."),
+    sha256: Optional[List[str]] = typer.Option(
+        None, "--sha256", help="Expected SHA-256 of each input, in order (repeatable)."),
+    url: Optional[List[str]] = typer.Option(
+        None, "--url", help="With --download: a mirror URL instead of the official one (repeatable, "
+        "same order)."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Check an existing dataset: pairs per split vs the official counts, "
+        "sizes, label values. Exit 1 on problems."),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="With --verify: a pair count that differs from the official one "
+        "is a warning, not a problem (deliberate subsets)."),
     workers: int = typer.Option(0, "--workers", help="Processes for conversion and checks (0: all cores)."),
     seed: int = typer.Option(0, "--seed", help="synthetic only: random seed of the generated data."),
+    force: bool = typer.Option(
+        False, "--force", help="synthetic only: replace a generated set made with other settings."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Turn the files the dataset authors publish into the folders the presets read, safely."""
@@ -106,7 +117,8 @@ def prepare_cmd(
 
     if verify:
         if src or download or sha256 or url:
-            raise UserError("--verify checks an existing dataset: it takes no --src, --download, --sha256 or --url")
+            raise UserError(
+                "--verify checks an existing dataset: it takes no --src, --download, --sha256 or --url")
         rep = verify_dataset(dataset, data_root, workers=workers, allow_partial=allow_partial, console=err)
         if as_json:
             emit_json(rep)
@@ -124,17 +136,18 @@ def prepare_cmd(
         if not rep["ok"]:
             raise typer.Exit(1)
         return
-    res = prepare_dataset(dataset, src or [], data_root, download=download, sha256=sha256 or [], urls=url or [],
-                          workers=workers, seed=seed, console=err)
+    res = prepare_dataset(dataset, src or [], data_root, download=download, sha256=sha256 or [],
+                          urls=url or [], workers=workers, seed=seed, force=force, console=err)
     if as_json:
         emit_json(res)
         return
-    if "splits" in res and isinstance(res["splits"], dict) and all(isinstance(v, dict) for v in res["splits"].values()):
+    splits = res.get("splits")
+    if isinstance(splits, dict) and all(isinstance(v, dict) for v in splits.values()):
         _print_splits(f"{dataset}: {res.get('root', '')} ({res.get('status', 'prepared')}, "
-                      f"{res.get('classes_seen', '?')} classes seen)", res["splits"])
+                      f"{res.get('classes_seen', '?')} classes seen)", splits)
         for w in res.get("warnings", []):
             out.print(f"[yellow]warning:[/] {w}", highlight=False)
-    else:
+    else:  # the synthetic demo reports its own keys
         t = Table(title=f"dtop prepare {dataset}", show_header=False)
         for k, v in res.items():
             t.add_row(str(k), v if isinstance(v, str) else json.dumps(v))
@@ -142,12 +155,275 @@ def prepare_cmd(
 
 
 def _print_splits(title: str, splits: dict) -> None:
+    """Pairs per split next to the official count: the first thing to look at after a prepare."""
     t = Table(title=title)
     for col in ("split", "pairs", "official", "classes seen"):
         t.add_column(col, justify="left" if col == "split" else "right")
     for k, v in splits.items():
         t.add_row(k, str(v.get("pairs")), str(v.get("official") or "-"), str(v.get("classes_seen", "-")))
     out.print(t)
+
+
+# --------------------------------------------------------------------------- train / prune / eval / config
+
+DataRootOpt = typer.Option(Path("data"), "--data-root", help="Folder the presets read datasets from.")
+WorkDirOpt = typer.Option(None, "--work-dir", help="Checkpoints and logs (default: work_dirs/<preset>/<phase>).")
+GpusOpt = typer.Option(1, "--gpus", help="Processes per node (one per GPU), started through torchrun.")
+NnodesOpt = typer.Option(1, "--nnodes", help="Machines taking part (torchrun --nnodes).")
+NodeRankOpt = typer.Option(0, "--node-rank", help="This machine's rank among --nnodes.")
+MasterAddrOpt = typer.Option(None, "--master-addr", help="Address of the rank-0 machine (several machines).")
+MasterPortOpt = typer.Option(None, "--master-port", help="Port on the rank-0 machine (default: a free one).")
+LauncherOpt = typer.Option("none", "--launcher", help="none, pytorch (set for you by --gpus) or slurm (under srun).")
+AmpOpt = typer.Option(False, "--amp", help="bf16 autocast (CUDA only).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue from the work dir's last complete checkpoint.")
+MaxItersOpt = typer.Option(None, "--max-iters", help="Shorten the schedule (warm-up and poly horizon scale along).")
+PretrainedOpt = typer.Option(None, "--pretrained", help="Local pretrained ViT weights instead of the preset's URL.")
+SeedOpt = typer.Option(0, "--seed", help="Random seed.")
+VerboseOpt = typer.Option(False, "--verbose", help="Show mmengine's full log on stderr.")
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run_phase(phase: str, preset: str, overrides: Optional[List[str]], data_root: Path,
+               work_dir: Optional[Path], gpus: int, nnodes: int, node_rank: int, master_addr: Optional[str],
+               master_port: Optional[int], launcher: str, amp: bool, resume: bool, max_iters: Optional[int],
+               pretrained: Optional[Path], seed: int, verbose: bool, as_json: bool,
+               base_ckpt: Optional[Path] = None, thresh: Optional[float] = None,
+               topk: Optional[int] = None) -> None:
+    """Shared body of `train` and `prune`: one process here, or N through torchrun."""
+    from . import engine
+    from .presets import load_preset
+
+    p = load_preset(preset, overrides)
+    wd = work_dir if work_dir is not None else Path("work_dirs") / p.name / phase
+    if gpus > 1 or nnodes > 1:
+        if launcher != "none":
+            raise UserError("--gpus/--nnodes start their own processes; do not combine them with --launcher")
+        engine.check_dataset(p, data_root)
+        engine.check_work_dir(wd)
+        child = ["train" if phase == "base" else "prune", "--preset", preset, "--data-root", str(data_root),
+                 "--work-dir", str(wd), "--seed", str(seed)]
+        for o in overrides or []:
+            child += ["--set", o]
+        for flag, on in (("--amp", amp), ("--resume", resume), ("--verbose", verbose), ("--json", as_json)):
+            if on:
+                child.append(flag)
+        for flag, val in (("--max-iters", max_iters), ("--pretrained", pretrained), ("--from", base_ckpt),
+                          ("--thresh", thresh), ("--topk", topk)):
+            if val is not None:
+                child += [flag, str(val)]
+        rc = engine.launch(child, gpus=gpus, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                           master_port=master_port)
+        if rc != 0:
+            err.print(f"[bold red]error:[/] distributed run failed (exit code {rc})")
+        raise typer.Exit(0 if rc == 0 else 1)
+    res = engine.train(p, phase, data_root=data_root, work_dir=wd, base_checkpoint=base_ckpt,
+                       max_iters=max_iters, threshold=thresh, topk=topk, amp=amp, resume=resume,
+                       launcher=launcher, pretrained=pretrained, seed=seed, verbose=verbose, console=err)
+    if not _is_rank0():
+        return
+    if as_json:
+        emit_json(res)
+        return
+    t = Table(title=f"dtop {'train' if phase == 'base' else 'prune'} {p.name}", show_header=False)
+    for k in ("work_dir", "checkpoint", "iters", "threshold", "seconds"):
+        t.add_row(k, str(res[k]))
+    for k, v in res["metrics"].items():
+        t.add_row(f"val {k}", f"{v:.2f}")
+    out.print(t)
+
+
+@app.command("train")
+def train_cmd(
+    preset: str = PresetOpt,
+    data_root: Path = DataRootOpt,
+    work_dir: Optional[Path] = WorkDirOpt,
+    gpus: int = GpusOpt,
+    nnodes: int = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[int] = MasterPortOpt,
+    launcher: str = LauncherOpt,
+    amp: bool = AmpOpt,
+    resume: bool = ResumeOpt,
+    max_iters: Optional[int] = MaxItersOpt,
+    pretrained: Optional[Path] = PretrainedOpt,
+    seed: int = SeedOpt,
+    verbose: bool = VerboseOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Base training (threshold 1.0: nothing exits, every head is supervised)."""
+    _run_phase("base", preset, overrides, data_root, work_dir, gpus, nnodes, node_rank, master_addr,
+               master_port, launcher, amp, resume, max_iters, pretrained, seed, verbose, as_json)
+
+
+@app.command("prune")
+def prune_cmd(
+    from_ckpt: Path = typer.Option(..., "--from", help="Base checkpoint to fine-tune with exits on."),
+    preset: str = PresetOpt,
+    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the preset's)."),
+    topk: Optional[int] = typer.Option(None, "--topk", help="Tokens kept per class for context (default: the preset's)."),
+    data_root: Path = DataRootOpt,
+    work_dir: Optional[Path] = WorkDirOpt,
+    gpus: int = GpusOpt,
+    nnodes: int = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[int] = MasterPortOpt,
+    launcher: str = LauncherOpt,
+    amp: bool = AmpOpt,
+    resume: bool = ResumeOpt,
+    max_iters: Optional[int] = MaxItersOpt,
+    seed: int = SeedOpt,
+    verbose: bool = VerboseOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Pruned fine-tuning: load a base checkpoint (strictly), switch exits on, train the prune schedule."""
+    _run_phase("prune", preset, overrides, data_root, work_dir, gpus, nnodes, node_rank, master_addr,
+               master_port, launcher, amp, resume, max_iters, None, seed, verbose, as_json,
+               base_ckpt=from_ckpt, thresh=thresh, topk=topk)
+
+
+@app.command("eval")
+def eval_cmd(
+    preset: str = PresetOpt,
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint to evaluate (dtop's or the public code's)."),
+    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
+    flops: bool = typer.Option(False, "--flops", help="Also average GFLOPs and the share of tokens each stage finalised."),
+    per_class: bool = typer.Option(False, "--per-class", help="IoU of every class."),
+    stages: bool = typer.Option(False, "--stages", help="Also score each head on its own (per-stage mIoU)."),
+    images: Optional[int] = typer.Option(None, "--images", help="Evaluate the first N validation images only."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    data_root: Path = DataRootOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """mIoU / aAcc on the validation split by the preset's test protocol."""
+    from .evaluate import evaluate
+    from .presets import load_preset
+
+    p = load_preset(preset, overrides)
+    res = evaluate(p, ckpt, data_root=data_root, threshold=thresh, flops=flops, per_class=per_class,
+                   stage_miou=stages, images=images, device=device, console=err)
+    if as_json:
+        if not flops:
+            res.pop("exit_share", None)
+            res.pop("active_share", None)
+        emit_json(res)
+        return
+    t = Table(title=f"dtop eval {p.name}: {ckpt.name} @ thresh {res['threshold']:g} ({res['images']} images)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("mIoU", f"{res['miou']:.2f}")
+    t.add_row("aAcc", f"{res['aacc']:.2f}")
+    if "stage_miou" in res:
+        t.add_row("mIoU per stage", " / ".join(f"{v:.2f}" for v in res["stage_miou"]))
+    if flops:
+        t.add_row("GFLOPs / image", f"{res['gflops']:.3f}")
+        t.add_row("exit share per stage", " / ".join(f"{v:.1%}" for v in res["exit_share"]))
+    out.print(t)
+    if per_class:
+        pc = Table(title="IoU per class")
+        pc.add_column("class")
+        pc.add_column("IoU", justify="right")
+        for name, v in res["per_class"].items():
+            pc.add_row(name, "-" if v is None else f"{v:.2f}")
+        out.print(pc)
+
+
+@app.command("flops")
+def flops_cmd(
+    preset: str = PresetOpt,
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Trained checkpoint: average the dynamic cost over "
+                                        "validation images (without: one crop-size image, nothing exits)."),
+    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: without --ckpt 1.0, "
+                                           "the base model; with it the checkpoint's, else the preset's)."),
+    images: Optional[int] = typer.Option(None, "--images", help="With --ckpt: the first N validation images (default all)."),
+    shape: Optional[tuple[int, int]] = typer.Option(None, "--shape", help="Image size H W (default: the preset's crop)."),
+    device: Optional[str] = typer.Option(None, "--device", help="With --ckpt: cpu or cuda (default: cuda when present)."),
+    data_root: Path = DataRootOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """GFLOPs per image in the paper's convention (fvcore counting, one crop-size image)."""
+    from .flops import flops_report, flops_table
+
+    res = flops_report(preset, ckpt, threshold=thresh, images=images, shape=shape, data_root=data_root,
+                       overrides=overrides, device=device)
+    if as_json:
+        emit_json(res)
+        return
+    out.print(flops_table(res))
+
+
+@app.command("config")
+def config_cmd(
+    preset: str = PresetOpt,
+    phase: str = typer.Option("base", "--phase", help="base or prune."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the .py config here (default: stdout)."),
+    data_root: Path = DataRootOpt,
+    work_dir: Optional[Path] = WorkDirOpt,
+    from_ckpt: Optional[Path] = typer.Option(None, "--from", help="prune: the base checkpoint (load_from)."),
+    thresh: Optional[float] = typer.Option(None, "--thresh", help="prune: exit threshold."),
+    topk: Optional[int] = typer.Option(None, "--topk", help="prune: tokens kept per class."),
+    max_iters: Optional[int] = MaxItersOpt,
+    gpus: int = typer.Option(1, "--gpus", help="Total processes the batch is split over."),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """The complete mmengine config a run would use, loadable by mmseg's own tools/train.py."""
+    from . import engine
+    from .presets import load_preset
+
+    p = load_preset(preset, overrides)
+    wd = work_dir if work_dir is not None else Path("work_dirs") / p.name / phase
+    cfg = engine.build_config(p, phase, data_root=data_root, work_dir=wd, max_iters=max_iters, threshold=thresh,
+                              topk=topk, load_from=from_ckpt, world_size=gpus,
+                              launcher="pytorch" if gpus > 1 else "none")
+    if out_file is None:
+        sys.stdout.write(cfg.pretty_text)
+        return
+    engine.write_config(cfg, out_file)
+    err.print(f"wrote {out_file}")
+
+
+@app.command("quickstart")
+def quickstart_cmd(
+    work_dir: Path = typer.Option(Path("work_dirs/quickstart"), "--work-dir", help="Data, checkpoints, summary.json."),
+    seed: int = SeedOpt,
+    base_iters: Optional[int] = typer.Option(None, "--base-iters", help="Shorten base training (smoke runs)."),
+    prune_iters: Optional[int] = typer.Option(None, "--prune-iters", help="Shorten pruned fine-tuning (smoke runs)."),
+    n_train: Optional[int] = typer.Option(None, "--train-images", help="Smaller synthetic training set (smoke runs)."),
+    n_val: Optional[int] = typer.Option(None, "--val-images", help="Smaller synthetic validation set (smoke runs)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """The embedded demo end to end: prepare synthetic, train, prune, eval --flops of both."""
+    from .quickstart import quickstart
+
+    s = quickstart(work_dir, seed=seed, base_iters=base_iters, prune_iters=prune_iters, n_train=n_train,
+                   n_val=n_val, console=err)
+    if as_json:
+        emit_json(s)
+        return
+    b, q = s["base"], s["pruned"]
+
+    def g(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    t = Table(title=f"dtop quickstart ({s['seconds']:.0f} s): tiny-synthetic, base vs pruned")
+    for col in ("model", "mIoU", "GFLOPs", "per stage"):
+        t.add_column(col, justify="left" if col in ("model", "per stage") else "right")
+    t.add_row("base (thresh 1.0)", f"{b['miou']:.2f}", g(b["gflops"]),
+              "mIoU " + " / ".join(f"{v:.1f}" for v in b["stage_miou"]))
+    t.add_row(f"pruned (thresh {q['threshold']:g})", f"{q['miou']:.2f}", g(q["gflops"]),
+              "exits " + " / ".join(f"{v:.0%}" for v in q["exit_share"]))
+    out.print(t)
+    out.print(f"summary: {Path(s['work_dir']) / 'summary.json'}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -1,0 +1,536 @@
+"""FLOPs of DToP counted the way the paper counts them: traced once, or in closed form.
+
+The convention (reference: method.md, "Results to reproduce") is fvcore's, through its port
+in ``mmengine.analysis``: one multiply-add is one FLOP; linear layers, matmuls and the patch
+convolution count their multiply-adds; layer norm counts 5 per element; the bilinear resize
+of the class scores to the input size counts 4 per output element; everything that only
+moves or compares data (gather, scatter, sort, top-k, masks) and plain elementwise math count
+zero. The counter has no rule for ``scaled_dot_product_attention`` (it would count zero), so
+we add one that counts exactly the two matmuls an explicitly written attention makes
+(q @ k^T and attn @ v). One image at crop size, no sliding window. At threshold 1.0 the
+auxiliary heads are not run at inference and so not counted; with exits active they are.
+
+Two ways to get the number, which the tests hold equal:
+
+* the trace (:func:`trace_flops`, :func:`count_gflops`): one ``torch.jit`` trace of
+  ``forward_dtop`` plus the final resize through ``FlopAnalyzer``. This is the reference.
+* the closed form (:func:`cost_from_counts`): the same sum written per layer as a function
+  of the number of tokens each stage ran on (``DToPOutput.active_counts``). Linear layers
+  grow with N, attention with N^2. It turns the dynamic cost of a pruned model over a
+  dataset into one ordinary forward per image instead of one trace per image, and gives
+  ``api.predict`` the cost of each image for free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+from .presets import Preset, load_preset
+
+GIGA = 1e9
+
+# Ops the exit path and the elementwise math emit. fvcore counts data movement, comparisons
+# and elementwise arithmetic as zero; naming them here makes that explicit (and keeps the
+# counter from warning about them) instead of relying on "unknown means zero".
+ZERO_FLOP_OPS: Tuple[str, ...] = (
+    # data movement / indexing (the batched exit path: gather active tokens, scatter back)
+    "aten::gather", "aten::scatter", "aten::scatter_", "aten::scatter_add", "aten::scatter_add_",
+    "aten::index", "aten::index_select", "aten::index_put_", "aten::masked_scatter",
+    "aten::argsort", "aten::sort", "aten::topk", "aten::where", "aten::masked_fill",
+    "aten::masked_fill_", "aten::expand_as", "aten::repeat", "aten::fill_", "aten::zero_",
+    "aten::clone", "aten::to", "aten::type_as", "aten::pad", "aten::constant_pad_nd",
+    "aten::select", "aten::slice", "aten::unsqueeze", "aten::squeeze", "aten::view",
+    "aten::transpose", "aten::t", "aten::split", "aten::stack", "aten::unbind", "aten::zeros",
+    "aten::zeros_like", "aten::ones_like", "aten::empty_like", "aten::lift_fresh",
+    # comparisons and reductions over masks
+    "aten::lt", "aten::le", "aten::ne", "aten::any", "aten::all", "aten::sum", "aten::cumsum",
+    "aten::logical_not", "aten::logical_and", "aten::bitwise_and", "aten::bitwise_or",
+    "aten::__or__", "aten::__iand__", "aten::__ior__", "aten::min", "aten::maximum",
+    # elementwise math: residual adds, activations, softmax, score products, head averages
+    "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div",
+    "aten::div_", "aten::neg", "aten::exp", "aten::sqrt", "aten::rsqrt", "aten::pow",
+    "aten::gelu", "aten::sigmoid", "aten::softmax", "aten::log_softmax", "aten::mean",
+    "aten::bernoulli_", "aten::dropout", "aten::feature_dropout",
+    # the position table's bicubic resize (inputs not at crop size): fvcore has no rule for it
+    "aten::upsample_bicubic2d",
+)
+
+
+# --------------------------------------------------------------------------- the counter
+
+
+def _shape(value: Any) -> List[int]:
+    if not value.isCompleteTensor():
+        raise ValueError("FLOP counter: scaled_dot_product_attention input without a known shape")
+    return list(value.type().sizes())
+
+
+def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::scaled_dot_product_attention``: the multiply-adds of q @ k^T and attn @ v.
+
+    q (..., L, E), k (..., S, E), v (..., S, Ev): L*S*E + L*S*Ev per leading index, exactly
+    what fvcore's matmul rule gives the two matmuls of an explicitly written attention.
+    Scaling, masking and softmax are elementwise (zero), as for the explicit form.
+    """
+    q, k, v = (_shape(t) for t in inputs[:3])
+    rows = math.prod(q[:-1])
+    return rows * k[-2] * q[-1] + rows * k[-2] * v[-1]
+
+
+def flop_analyzer(module: nn.Module, inputs: Tuple[Tensor, ...]):
+    """mmengine's ``FlopAnalyzer`` (fvcore's counter) with the rules DToP needs added."""
+    from mmengine.analysis import FlopAnalyzer
+
+    fa = FlopAnalyzer(module, inputs)
+    fa.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    for op in ZERO_FLOP_OPS:
+        fa.set_op_handle(op, None)
+    fa.unsupported_ops_warnings(False)
+    fa.uncalled_modules_warnings(False)
+    return fa
+
+
+@dataclass(frozen=True)
+class FlopBreakdown:
+    """FLOPs (not giga) of one image, split where the paper's breakdown splits them."""
+
+    backbone: float
+    heads: float
+    resize: float
+
+    @property
+    def total(self) -> float:
+        return self.backbone + self.heads + self.resize
+
+    def __add__(self, other: "FlopBreakdown") -> "FlopBreakdown":
+        return FlopBreakdown(self.backbone + other.backbone, self.heads + other.heads, self.resize + other.resize)
+
+    def scaled(self, factor: float) -> "FlopBreakdown":
+        return FlopBreakdown(self.backbone * factor, self.heads * factor, self.resize * factor)
+
+    def gflops(self) -> dict:
+        """{backbone, heads, resize} in GFLOPs (what reports print)."""
+        return {"backbone": self.backbone / GIGA, "heads": self.heads / GIGA, "resize": self.resize / GIGA}
+
+
+class _CountedForward(nn.Module):
+    """What one inference forward computes: ``forward_dtop`` + the bilinear resize of the
+    class scores to the input size (mmseg's ``encode_decode``).
+
+    Forced exit masks come in as extra trace inputs so they are data, not constants baked
+    into the graph. The trace drops every op whose result nothing reads; with forced exits
+    nothing reads the auxiliary heads' presence logits, although in a real pruned forward
+    they decide the exits. So every head's presence logits are returned as well: the count
+    is then that of the real forward, forced or not.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tensor, *forced_exits: Tensor) -> Tuple[Tensor, ...]:
+        out = self.model.forward_dtop(inputs, list(forced_exits) if forced_exits else None)
+        scores = F.interpolate(out.scores, size=inputs.shape[-2:], mode="bilinear",
+                               align_corners=self.model.align_corners)
+        return (scores, *(p for p in out.stage_presence if p is not None))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def trace_flops(model: nn.Module, inputs: Tensor, forced_exits: Optional[Sequence[Tensor]] = None) -> FlopBreakdown:
+    """FLOPs per image of one forward of ``model`` on ``inputs`` (B, 3, H, W), by tracing.
+
+    The count covers the whole batch and is divided by B. With B > 1 and exits, the
+    padded token slots of the batched path are counted too (the hardware computes them);
+    the paper's convention is batch 1, where there is no padding.
+    """
+    if inputs.dim() != 4:
+        raise ValueError(f"inputs must be (B, 3, H, W), got {tuple(inputs.shape)}")
+    wrapper = _CountedForward(model)
+    args = (inputs, *(forced_exits or ()))
+    with _eval_mode(model), torch.no_grad():
+        fa = flop_analyzer(wrapper, args)
+        by_module = fa.by_module()
+    total = float(by_module[""])
+    backbone = float(by_module.get("model.backbone", 0))
+    heads = float(by_module.get("model.decode_head", 0)) + float(by_module.get("model.auxiliary_head", 0))
+    other = float(by_module.get("model", 0)) - backbone - heads
+    # what lies outside the model's modules is the final resize (and zero-cost glue)
+    br = FlopBreakdown(backbone=backbone + other, heads=heads, resize=total - float(by_module.get("model", 0)))
+    return br.scaled(1.0 / inputs.shape[0])
+
+
+def count_gflops(model: nn.Module, inputs: Tensor, forced_exits: Optional[Sequence[Tensor]] = None) -> float:
+    """GFLOPs per image of one forward (``forward_dtop`` + final resize), traced with
+    mmengine's FlopAnalyzer and the handles above. See :func:`trace_flops`."""
+    return trace_flops(model, inputs, forced_exits).total / GIGA
+
+
+# --------------------------------------------------------------------------- closed form
+
+
+def _linear(layer: nn.Linear, rows: int) -> int:
+    return rows * layer.in_features * layer.out_features
+
+
+def _layer_norm(norm: nn.LayerNorm, rows: int) -> int:
+    # fvcore: 5 per element with an affine transform, 4 without
+    return rows * math.prod(norm.normalized_shape) * (5 if norm.elementwise_affine else 4)
+
+
+def _self_attention(attn: nn.Module, n: int) -> int:
+    """Packed in-projection, SDPA (2 matmuls over n x n), out-projection."""
+    three_d, d = attn.in_proj_weight.shape
+    dims = three_d // 3
+    return n * three_d * d + 2 * n * n * dims + _linear(attn.out_proj, n)
+
+
+def vit_layer_flops(layer: nn.Module, n: int) -> int:
+    """One pre-norm ViT layer on n tokens: norms and linears ~ n, attention ~ n^2."""
+    fc1, fc2 = layer.ffn.layers[0][0], layer.ffn.layers[1]
+    return (_layer_norm(layer.ln1, n) + _self_attention(layer.attn.attn, n) + _layer_norm(layer.ln2, n)
+            + _linear(fc1, n) + _linear(fc2, n))
+
+
+def atm_head_flops(head: nn.Module, n: int) -> int:
+    """One ATM head reading n tokens with K class queries (K fixed, so only the token
+    projections and the cross-attention grow with n)."""
+    K = head.q.num_embeddings
+    flops = _linear(head.input_proj, n) + _layer_norm(head.proj_norm, n)
+    for lay in head.decoder.layers:
+        ca = lay.multihead_attn
+        C = ca.q.out_features
+        flops += _self_attention(lay.self_attn, K) + _layer_norm(lay.norm1, K)
+        flops += _linear(ca.q, K) + _linear(ca.k, n) + _linear(ca.v, n) + 2 * K * n * C + _linear(ca.proj, K)
+        flops += _layer_norm(lay.norm2, K) + _linear(lay.linear1, K) + _linear(lay.linear2, K)
+        flops += _layer_norm(lay.norm3, K)
+    return flops + _linear(head.class_embed, K)
+
+
+def patch_embed_flops(backbone: nn.Module, hw: Tuple[int, int]) -> int:
+    """The patch convolution: every output position costs the full kernel."""
+    w = backbone.patch_embed.projection.weight
+    return hw[0] * hw[1] * w.numel()
+
+
+def resize_flops(num_classes: int, out_hw: Tuple[int, int]) -> int:
+    """Bilinear resize of the class scores: fvcore counts 4 per output element."""
+    return 4 * num_classes * out_hw[0] * out_hw[1]
+
+
+def aux_heads_active(model: nn.Module) -> bool:
+    """Whether inference runs the auxiliary heads: only when they can retire tokens
+    (threshold < 1) or their own prediction is asked for (``eval_stage``)."""
+    return float(model.threshold) < 1.0 or getattr(model, "eval_stage", None) is not None
+
+
+def cost_from_counts(model: nn.Module, hw: Tuple[int, int], counts: Sequence[int],
+                     out_hw: Optional[Tuple[int, int]] = None, aux_heads: Optional[bool] = None) -> FlopBreakdown:
+    """FLOPs of one forward of one image from the tokens each stage ran on.
+
+    hw: token grid (h, w). counts: tokens each stage's layers ran on (a row of
+    ``DToPOutput.active_counts``); head s reads the tokens stage s produced, so it sees
+    counts[s] too. out_hw: pixel size the scores are resized to (default: grid x patch).
+    aux_heads: whether the auxiliary heads ran (default: from the model's threshold and
+    eval_stage). Padding slots are not counted: this is the cost of this image alone.
+    """
+    bb = model.backbone
+    bounds = bb.stage_bounds()
+    counts = [int(c) for c in counts]
+    if len(counts) != len(bounds):
+        raise ValueError(f"expected {len(bounds)} stage counts, got {len(counts)}")
+    if aux_heads is None:
+        aux_heads = aux_heads_active(model)
+    if out_hw is None:
+        out_hw = (hw[0] * bb.patch_size, hw[1] * bb.patch_size)
+    heads = model.heads()
+    backbone = patch_embed_flops(bb, hw)
+    head_flops = 0
+    for s, ((start, end), n) in enumerate(zip(bounds, counts)):
+        backbone += sum(vit_layer_flops(bb.layers[i], n) for i in range(start, end))
+        if s == len(bounds) - 1 or aux_heads:
+            head_flops += atm_head_flops(heads[s], n)
+    return FlopBreakdown(float(backbone), float(head_flops), float(resize_flops(model.decode_head.num_classes, out_hw)))
+
+
+def gflops_from_counts(model: nn.Module, hw: Tuple[int, int], counts: Sequence[int],
+                       out_hw: Optional[Tuple[int, int]] = None, aux_heads: Optional[bool] = None) -> float:
+    """GFLOPs of one forward of one image from its active token counts (see cost_from_counts)."""
+    return cost_from_counts(model, hw, counts, out_hw, aux_heads).total / GIGA
+
+
+def windows_gflops(model: nn.Module, windows: Sequence[Tuple[int, int, Sequence[int]]]) -> float:
+    """GFLOPs one image cost under the test protocol: the sum over the forward windows
+    (h, w in pixels, active counts per stage) it was run on (``metainfo['dtop_windows']``)."""
+    ps = model.backbone.patch_size
+    total = 0.0
+    for h, w, counts in windows:
+        hw = (-(-int(h) // ps), -(-int(w) // ps))
+        total += cost_from_counts(model, hw, counts, out_hw=(int(h), int(w))).total
+    return total / GIGA
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _as_preset(preset: Union[str, Path, Preset]) -> Preset:
+    return preset if isinstance(preset, Preset) else load_preset(str(preset))
+
+
+def _check_shape(p: Preset, shape: Optional[Sequence[int]]) -> Tuple[int, int]:
+    if shape is None:
+        return int(p.data.crop[0]), int(p.data.crop[1])
+    if len(shape) != 2 or any(int(s) < 1 for s in shape):
+        raise UserError(f"--shape takes two positive integers H W (got {' '.join(map(str, shape))})")
+    return int(shape[0]), int(shape[1])
+
+
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 < float(threshold) <= 1.0:
+        raise UserError(f"--thresh must be in (0, 1] (got {threshold})")
+    return float(threshold)
+
+
+def _paper_gflops(p: Preset, threshold: float, shape: Tuple[int, int]) -> Optional[float]:
+    """The paper's number this measurement is comparable with, if any (crop size only)."""
+    if p.paper is None or tuple(shape) != tuple(p.data.crop):
+        return None
+    if threshold >= 1.0:
+        return float(p.paper.base_gflops)
+    return float(p.paper.pruned_gflops) if threshold == p.exit.threshold else None
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Build a model without drawing random weights: the count only depends on shapes and
+    a ViT-L's random init costs ~20 s on 2 cores. Weights are zeroed afterwards."""
+    names = ("trunc_normal_", "normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_",
+             "xavier_uniform_", "xavier_normal_", "ones_", "zeros_", "constant_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
+def static_gflops(preset: Union[str, Path, Preset], shape: Optional[Sequence[int]] = None,
+                  threshold: float = 1.0) -> dict:
+    """Cost of one image at crop size (or ``shape``) with nothing exiting; no checkpoint.
+
+    threshold 1.0 (default) is the base model: the paper's base GFLOPs. A threshold < 1
+    counts a pruned model on an image where no token happens to exit (the auxiliary heads
+    run on all tokens): the most a pruned model can cost. Traced once with zero weights.
+    """
+    from .model.build import build_model
+
+    p = _as_preset(preset)
+    H, W = _check_shape(p, shape)
+    thr = _check_threshold(threshold)
+    with _skip_weight_init():
+        model = build_model(p, threshold=thr)
+    with torch.no_grad():
+        for t in model.parameters():
+            t.zero_()
+    model.eval()
+    ps = model.backbone.patch_size
+    gh, gw = -(-H // ps), -(-W // ps)
+    S = model.num_stages
+    forced = None if thr >= 1.0 else [torch.zeros(1, gh * gw, dtype=torch.bool) for _ in range(S - 1)]
+    br = trace_flops(model, torch.zeros(1, 3, H, W), forced)
+    return {
+        "preset": p.name,
+        "mode": "static",
+        "gflops": br.total / GIGA,
+        "images": 1,
+        "exit_share": [0.0] * (S - 1) + [1.0],
+        "breakdown": br.gflops(),
+        "threshold": thr,
+        "shape": [H, W],
+        "tokens": gh * gw,
+        "paper_gflops": _paper_gflops(p, thr, (H, W)),
+    }
+
+
+def val_image_paths(preset: Preset, data_root: Union[str, Path]) -> List[str]:
+    """The validation images the preset's dataset holds, in the dataset's own order."""
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import DATASETS
+    from mmseg.utils import register_all_modules
+
+    from .engine import _dataset, dataset_root
+
+    img_dir = dataset_root(preset, data_root) / preset.data.val_split.img
+    if not img_dir.is_dir():
+        raise UserError(f"no validation images: {img_dir} does not exist "
+                        f"(prepare the dataset with `dtop prepare`, or pass --data-root)")
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        try:
+            ds = DATASETS.build(_dataset(preset, Path(data_root), "val", []))
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"cannot read the validation split under {img_dir.parent}: {e}") from e
+    return [ds.get_data_info(i)["img_path"] for i in range(len(ds))]
+
+
+def crop_window(img, crop: Tuple[int, int]):
+    """The central crop-size window of an image (smaller sides are kept whole)."""
+    h, w = img.shape[:2]
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return img[y0:y0 + ch, x0:x0 + cw]
+
+
+def _model_input(model: nn.Module, window, size: Tuple[int, int]) -> Tensor:
+    """uint8 BGR window -> normalised (1, 3, H, W) on the model's device, padded
+    bottom/right to ``size`` with the preprocessor's pad value (as mmseg pads)."""
+    t = torch.from_numpy(window.copy()).permute(2, 0, 1).contiguous()
+    pre = model.data_preprocessor
+    x = pre(dict(inputs=[t]), training=False)["inputs"]
+    h, w = x.shape[-2:]
+    if (h, w) != tuple(size):
+        x = F.pad(x, (0, size[1] - w, 0, size[0] - h), value=float(getattr(pre, "pad_val", 0)))
+    return x
+
+
+def _stage_exits(counts: Sequence[int]) -> List[int]:
+    """Tokens finalised by each stage: those that ran stage s but not stage s+1."""
+    c = [int(v) for v in counts]
+    return [a - b for a, b in zip(c, c[1:])] + [c[-1]]
+
+
+@torch.no_grad()
+def dataset_gflops(model: nn.Module, preset: Union[str, Path, Preset], data_root: Union[str, Path],
+                   images: Optional[int] = None, threshold: Optional[float] = None, progress: bool = True,
+                   shape: Optional[Sequence[int]] = None) -> dict:
+    """Dynamic cost of ``model`` over validation images: average GFLOPs per image and the
+    share of tokens each stage finalised (sums to 1).
+
+    Each image is measured the way the paper counts: one crop-size image, no sliding
+    window. The image is first resized as the test pipeline resizes it (keep ratio to the
+    preset's test scale, so objects have the size the model is tested at), then its
+    central crop-size window is taken (padded if the resized image is smaller). Resizing
+    straight to the crop would squash the image and change which tokens are easy, i.e.
+    the very thing being measured. One ordinary forward per image gives its active token
+    counts; the closed form (:func:`cost_from_counts`, equal to the trace by test) turns
+    them into FLOPs, counting only each image's own active tokens.
+
+    images: the first N images in dataset order (default all). threshold: evaluate at this
+    threshold instead of the model's (restored afterwards).
+    """
+    import mmcv
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = _as_preset(preset)
+    size = _check_shape(p, shape)
+    if images is not None and images < 1:
+        raise UserError(f"--images must be a positive integer (got {images})")
+    paths = val_image_paths(p, data_root)
+    if not paths:
+        raise UserError(f"no validation images found for preset {p.name} under {data_root}")
+    paths = paths[:images] if images is not None else paths
+    S = model.num_stages
+    old_threshold = model.threshold
+    total = FlopBreakdown(0.0, 0.0, 0.0)
+    exited = [0] * S
+    with _eval_mode(model), Progress(TextColumn("[bold]flops[/] {task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeRemainingColumn(),
+                                     console=Console(stderr=True), transient=True, disable=not progress) as bar:
+        try:
+            if threshold is not None:
+                model.threshold = _check_threshold(threshold)
+            task = bar.add_task(p.name, total=len(paths))
+            for path in paths:
+                img = mmcv.imread(path)
+                if img is None:
+                    raise UserError(f"cannot read image {path}")
+                img = mmcv.imrescale(img, tuple(p.data.test_scale), interpolation="bilinear", backend="cv2")
+                x = _model_input(model, crop_window(img, size), size)
+                out = model.forward_dtop(x)
+                counts = out.active_counts[0].tolist()
+                total = total + cost_from_counts(model, tuple(out.exit_stage.shape[-2:]), counts, out_hw=size,
+                                                 aux_heads=out.stage_presence[0] is not None)
+                exited = [a + b for a, b in zip(exited, _stage_exits(counts))]
+                bar.advance(task)
+        finally:
+            thr = float(model.threshold)
+            model.threshold = old_threshold
+    n = len(paths)
+    avg = total.scaled(1.0 / n)
+    tokens = sum(exited)
+    return {
+        "preset": p.name,
+        "mode": "dataset",
+        "gflops": avg.total / GIGA,
+        "images": n,
+        "exit_share": [e / tokens for e in exited],
+        "breakdown": avg.gflops(),
+        "threshold": thr,
+        "shape": list(size),
+        "tokens": tokens // n,
+        "paper_gflops": _paper_gflops(p, thr, size),
+    }
+
+
+def flops_report(preset: str, ckpt: Optional[Union[str, Path]] = None, threshold: Optional[float] = None,
+                 images: Optional[int] = None, shape: Optional[Sequence[int]] = None,
+                 data_root: Union[str, Path] = "data", overrides: Optional[List[str]] = None,
+                 device: Optional[str] = None, progress: bool = True) -> dict:
+    """What `dtop flops` reports. Without a checkpoint: one crop-size image, nothing exits
+    (static, threshold 1.0 unless given). With one: the dynamic average over the
+    validation images (the first ``images`` of them)."""
+    p = load_preset(preset, overrides)
+    if ckpt is None:
+        if images is not None:
+            raise UserError("--images needs --ckpt: which tokens exit depends on trained weights")
+        return static_gflops(p, shape, threshold=1.0 if threshold is None else threshold)
+    from . import api
+
+    if threshold is not None:
+        _check_threshold(threshold)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = api.load_model(p, ckpt, threshold=threshold, device=device)
+    return dataset_gflops(model, p, data_root, images=images, progress=progress, shape=shape)
+
+
+def flops_table(result: dict):
+    """Rich table of a flops report: breakdown, exit shares and the paper's number."""
+    from rich.table import Table
+
+    g = result["gflops"]
+    title = (f"dtop flops {result['preset']}: {result['mode']}, {result['images']} image(s) at "
+             f"{result['shape'][0]}x{result['shape'][1]}, threshold {result['threshold']:g}")
+    t = Table(title=title)
+    t.add_column("part")
+    t.add_column("GFLOPs", justify="right")
+    t.add_column("share", justify="right")
+    for part, v in result["breakdown"].items():
+        t.add_row(part, f"{v:.3f}", f"{100 * v / g:.1f}%" if g else "-")
+    t.add_row("[bold]total[/]", f"[bold]{g:.3f}[/]", "100.0%")
+    paper = result.get("paper_gflops")
+    if paper:
+        t.add_row("paper", f"{paper:.1f}", f"{100 * (g - paper) / paper:+.2f}%")
+    for s, share in enumerate(result["exit_share"], start=1):
+        t.add_row(f"tokens finalised by stage {s}", "", f"{100 * share:.1f}%")
+    return t
