@@ -340,13 +340,18 @@ def eval_cmd(
 @app.command("flops")
 def flops_cmd(
     preset: str = PresetOpt,
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Trained checkpoint: average the dynamic cost over "
-                                        "validation images (without: one crop-size image, nothing exits)."),
-    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: without --ckpt 1.0, "
-                                           "the base model; with it the checkpoint's, else the preset's)."),
-    images: Optional[int] = typer.Option(None, "--images", help="With --ckpt: the first N validation images (default all)."),
-    shape: Optional[tuple[int, int]] = typer.Option(None, "--shape", help="Image size H W (default: the preset's crop)."),
-    device: Optional[str] = typer.Option(None, "--device", help="With --ckpt: cpu or cuda (default: cuda when present)."),
+    ckpt: Optional[Path] = typer.Option(
+        None, "--ckpt", help="Trained checkpoint: average the dynamic cost over validation images "
+        "(without: one crop-size image, nothing exits)."),
+    thresh: Optional[float] = typer.Option(
+        None, "--thresh", help="Exit threshold (default: without --ckpt 1.0, the base model; with it the "
+        "checkpoint's, else the preset's)."),
+    images: Optional[int] = typer.Option(
+        None, "--images", help="With --ckpt: the first N validation images (default all)."),
+    shape: Optional[tuple[int, int]] = typer.Option(
+        None, "--shape", help="Image size H W (default: the preset's crop)."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="With --ckpt: cpu or cuda (default: cuda when present)."),
     data_root: Path = DataRootOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
@@ -360,6 +365,43 @@ def flops_cmd(
         emit_json(res)
         return
     out.print(flops_table(res))
+
+
+@app.command("bench")
+def bench_cmd(
+    preset: str = PresetOpt,
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    batch: int = typer.Option(1, "--batch", help="Images per forward."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (weights and inputs)."),
+    exits: Optional[str] = typer.Option(
+        None, "--exits", help="F1,F2: share of all tokens retired after stage 1 and by the end of stage 2 "
+        "(cumulative), forced at random positions. Without it: the real exit rule of --ckpt."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Trained checkpoint (default: random weights)."),
+    thresh: Optional[float] = typer.Option(
+        None, "--thresh", help="With --ckpt and no --exits: exit threshold (default: the checkpoint's)."),
+    data_root: Optional[Path] = typer.Option(
+        None, "--data-root", help="Time on the preset's validation images under this folder (default: random "
+        "inputs)."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed runs of each model (interleaved)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed runs of each model first."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads torch may use."),
+    graphs: str = typer.Option("auto", "--graphs", help="CUDA graphs for both models: auto (on with cuda), on, off."),
+    bucket: int = typer.Option(16, "--bucket", help="With graphs: token counts padded to a multiple of this."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Also measure peak memory of both."),
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Wall-clock dense vs pruned on the same inputs: median times, their ratio, FLOP ratio, memory."""
+    from .bench import bench_table, run_bench
+
+    res = run_bench(preset, device=device, batch=batch, dtype=dtype, exits=exits, ckpt=ckpt, thresh=thresh,
+                    repeats=repeats, warmup=warmup, data_root=data_root, threads=threads, graphs=graphs,
+                    bucket=bucket, memory=memory, overrides=overrides,
+                    log=lambda msg: err.print(f"[dim]bench:[/] {msg}", highlight=False))
+    if as_json:
+        emit_json(res)
+        return
+    out.print(bench_table(res))
 
 
 @app.command("config")
@@ -426,11 +468,113 @@ def quickstart_cmd(
     out.print(f"summary: {Path(s['work_dir']) / 'summary.json'}")
 
 
+# --------------------------------------------------------------------------- infer / sweep
+
+
+def _device(device: Optional[str]) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _progress(title: str):
+    """(rich progress on stderr, callback(done, total) that drives it)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, transient=True)
+    task = prog.add_task(title, total=None)
+
+    def update(done: int, total: int) -> None:
+        prog.update(task, completed=done, total=total)
+
+    return prog, update
+
+
+@app.command("infer")
+def infer_cmd(
+    images: List[str] = typer.Argument(..., metavar="IMAGE...", help="Image files, folders or glob patterns."),
+    preset: str = PresetOpt,
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (dtop's or the public code's layout)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_{labels,overlay,exits,panel}.png."),
+    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Label maps, overlays and exit-stage maps; one JSON line per image on stdout (--json: one object)."""
+    from .infer import run_infer
+    from .presets import load_preset
+
+    p = load_preset(preset, overrides)
+    if thresh is not None and not 0 < thresh <= 1:
+        raise UserError(f"--thresh must be in (0, 1] (got {thresh})")
+    prog, update = _progress("infer")
+
+    def line(rec: dict) -> None:
+        if not as_json:
+            prog.console.print(f"{rec['image']} -> {Path(rec['outputs']['panel']).name}", highlight=False,
+                               soft_wrap=True)
+            emit_json(rec)
+
+    def skipped(name: str, why: str) -> None:
+        prog.console.print(f"[yellow]skipped[/] {name}: {why}", highlight=False, soft_wrap=True)
+
+    with prog:
+        res = run_infer(images, p, ckpt, out_dir, threshold=thresh, device=_device(device), on_result=line,
+                        on_skip=skipped, progress=update)
+    if as_json:
+        emit_json(res)
+    else:
+        err.print(f"{len(res['images'])} image(s) -> {res['out']}" +
+                  (f", {len(res['skipped'])} skipped" if res["skipped"] else ""))
+
+
+@app.command("sweep")
+def sweep_cmd(
+    preset: str = PresetOpt,
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint to sweep (one model, threshold changed in place)."),
+    thresholds: str = typer.Option("0.8,0.85,0.9,0.95,1.0", "--thresholds", help="Comma-separated exit thresholds in (0, 1]."),
+    images: Optional[int] = typer.Option(None, "--images", help="The first N validation images only (default all)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for sweep.csv and sweep.png."),
+    data_root: Path = DataRootOpt,
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """mIoU against GFLOPs over exit thresholds: CSV, PNG plot and a table."""
+    from .presets import load_preset
+    from .sweep import parse_thresholds, run_sweep
+
+    p = load_preset(preset, overrides)
+    ts = parse_thresholds(thresholds)
+    prog, update = _progress("sweep")
+    with prog:
+        res = run_sweep(p, ckpt, ts, data_root, out_dir, images=images, progress=update, device=_device(device))
+    if as_json:
+        emit_json(res)
+        return
+    t = Table(title=f"dtop sweep {p.name}: {ckpt.name} ({res['images']} val images)")
+    for col in ("threshold", "mIoU", "aAcc", "GFLOPs", "exit share per stage"):
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        t.add_row(f"{r['threshold']:g}", f"{r['miou']:.2f}", f"{r['aacc']:.2f}",
+                  "-" if r["gflops"] is None else f"{r['gflops']:.3f}",
+                  " / ".join(f"{v:.1%}" for v in r["exit_share"]))
+    out.print(t)
+    out.print(f"wrote {res['csv']} and {res['plot']}", highlight=False)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry: maps UserError to exit 2 with one line, other errors to 1."""
+    import os
+
+    # OpenMP threads that spin while waiting make torch on a busy small CPU (data workers,
+    # other jobs) many times slower; idle threads must sleep. Read once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:  # recent typer carries its own copy of click and no longer depends on the package
         from typer._click.exceptions import ClickException
     except ImportError:  # older typer, built on the click package

@@ -89,7 +89,7 @@ def _dataset_kind(preset: Preset) -> dict[str, Any]:
     return dict(type=d.type)
 
 
-def _pipelines(preset: Preset) -> tuple[list[dict], list[dict]]:
+def pipelines(preset: Preset) -> tuple[list[dict], list[dict]]:
     d = preset.data
     train = [
         dict(type="LoadImageFromFile"),
@@ -114,7 +114,7 @@ def dataset_root(preset: Preset, data_root: Union[str, Path]) -> Path:
     return Path(data_root).expanduser().resolve() / preset.data.root
 
 
-def _dataset(preset: Preset, data_root: Path, split: str, pipeline: list[dict]) -> dict:
+def dataset_config(preset: Preset, data_root: Path, split: str, pipeline: list[dict]) -> dict:
     sp = getattr(preset.data, f"{split}_split")
     ds = dict(_dataset_kind(preset))
     ds.update(
@@ -193,19 +193,19 @@ def build_config(
 
         cuda = torch.cuda.is_available()
 
-    train_pipeline, test_pipeline = _pipelines(preset)
+    train_pipeline, test_pipeline = pipelines(preset)
     workers = max(0, min(preset.data.num_workers, os.cpu_count() or 1))
     loader_common = dict(num_workers=workers, persistent_workers=workers > 0)
     train_loader = dict(
         batch_size=per_process_batch(preset, world_size),
         sampler=dict(type="InfiniteSampler", shuffle=True),
-        dataset=_dataset(preset, Path(data_root), "train", train_pipeline),
+        dataset=dataset_config(preset, Path(data_root), "train", train_pipeline),
         **loader_common,
     )
     val_loader = dict(
         batch_size=1,
         sampler=dict(type="DefaultSampler", shuffle=False),
-        dataset=_dataset(preset, Path(data_root), "val", test_pipeline),
+        dataset=dataset_config(preset, Path(data_root), "val", test_pipeline),
         **loader_common,
     )
     evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
@@ -486,7 +486,8 @@ def _check_labels(preset: Preset, files: list[Path]) -> None:
         vals = np.unique(lab)
         vals = vals[vals != 255]
         if vals.size and int(vals.max()) > top:
-            raise UserError(f"annotation {f} holds label {int(vals.max())}, beyond the {preset.data.num_classes} "
+            raise UserError(f"annotation {f} holds label {int(vals.max())}, beyond the "
+                            f"{preset.data.num_classes} "
                             f"classes of preset '{preset.name}': preset and dataset do not match")
 
 
@@ -510,7 +511,8 @@ def cache_dir() -> Path:
     return Path(base) / "pretrained"
 
 
-def resolve_pretrained(preset: Preset, pretrained: Optional[Union[str, Path]], console: Any = None) -> Optional[Path]:
+def resolve_pretrained(preset: Preset, pretrained: Optional[Union[str, Path]],
+                       console: Any = None) -> Optional[Path]:
     """The local file of the backbone's pretrained weights: ``--pretrained``, the cache, or a
     one-time download of the preset's URL (resumable, checksum recorded)."""
     if pretrained is not None:
@@ -593,12 +595,18 @@ class _Progress:
         self._progress = None
 
     def _start(self, total: int, done: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                  console=self.console)
+                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                  TimeRemainingColumn(), console=self.console)
         self._progress.start()
         self._task = self._progress.add_task(self.title, total=total, completed=done, info="")
 
@@ -731,6 +739,7 @@ def train(
         "iters": sched.iters,
         "threshold": cfg.dtop.threshold,
         "metrics": progress.metrics,
+        "resumed_from": str(load_from) if resume and load_from is not None else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

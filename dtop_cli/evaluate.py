@@ -10,6 +10,7 @@ and, with ``flops``, the average GFLOPs actually spent per image.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,18 +22,17 @@ from .errors import UserError
 from .presets import Preset
 
 
-def _dataset(preset: Preset, data_root: Path) -> Any:
+def _val_dataset(preset: Preset, data_root: Path) -> Any:
     from mmengine.registry import DefaultScope
     from mmseg.registry import DATASETS
     from mmseg.utils import register_all_modules
 
-    from .engine import _dataset as dataset_cfg
-    from .engine import _pipelines
+    from .engine import dataset_config, pipelines
 
     register_all_modules(init_default_scope=False)
-    _, test_pipeline = _pipelines(preset)
+    _, test_pipeline = pipelines(preset)
     with DefaultScope.overwrite_default_scope("mmseg"):
-        return DATASETS.build(dataset_cfg(preset, data_root, "val", test_pipeline))
+        return DATASETS.build(dataset_config(preset, data_root, "val", test_pipeline))
 
 
 class _Confusion:
@@ -64,7 +64,8 @@ def _token_shares(counts: np.ndarray) -> tuple[list[float], list[float]]:
     """(exit share per stage, active share per stage) from summed per-stage token counts."""
     total = float(counts[0]) if counts[0] else 1.0
     S = len(counts)
-    exit_share = [float(counts[s] - counts[s + 1]) / total for s in range(S - 1)] + [float(counts[-1]) / total]
+    exit_share = [float(counts[s] - counts[s + 1]) / total for s in range(S - 1)]
+    exit_share.append(float(counts[-1]) / total)
     return [round(v, 4) for v in exit_share], [round(float(c) / total, 4) for c in counts]
 
 
@@ -101,7 +102,7 @@ def evaluate(
     _register_all()
     with contextlib.redirect_stdout(sys.stderr):
         model = api.load_model(preset, checkpoint, threshold=threshold, device=device)
-        ds = _dataset(preset, data_root)
+        ds = _val_dataset(preset, data_root)
     n = len(ds) if images is None else min(images, len(ds))
     if n == 0:
         raise UserError(f"the validation split of {preset.data.dataset} is empty")
@@ -110,7 +111,8 @@ def evaluate(
         try:
             from .flops import windows_gflops
         except ImportError:
-            raise RuntimeError("FLOP counting (dtop_cli.flops) is not available in this installation") from None
+            raise RuntimeError("FLOP counting (dtop_cli.flops) is not available in this installation") \
+                from None
 
     S = model.num_stages
     stages = list(range(1, S)) if stage_miou else []
@@ -119,7 +121,7 @@ def evaluate(
     counts = np.zeros(S, dtype=np.float64)
     gflops_sum = 0.0
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=1, shuffle=False,
-                                         num_workers=min(2, torch.get_num_threads()), collate_fn=pseudo_collate)
+                                         num_workers=min(2, os.cpu_count() or 1), collate_fn=pseudo_collate)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -160,5 +162,5 @@ def evaluate(
         result["stage_miou"] = [per_stage[s].summary()["miou"] for s in stages] + [res["miou"]]
     if per_class:
         classes = list(ds.metainfo.get("classes", [str(i) for i in range(preset.data.num_classes)]))
-        result["per_class"] = {c: v for c, v in zip(classes, res["iou"])}
+        result["per_class"] = {c: v for c, v in zip(classes, res["iou"], strict=True)}
     return result

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ GIGA = 1e9
 # Ops the exit path and the elementwise math emit. fvcore counts data movement, comparisons
 # and elementwise arithmetic as zero; naming them here makes that explicit (and keeps the
 # counter from warning about them) instead of relying on "unknown means zero".
-ZERO_FLOP_OPS: Tuple[str, ...] = (
+ZERO_FLOP_OPS: tuple[str, ...] = (
     # data movement / indexing (the batched exit path: gather active tokens, scatter back)
     "aten::gather", "aten::scatter", "aten::scatter_", "aten::scatter_add", "aten::scatter_add_",
     "aten::index", "aten::index_select", "aten::index_put_", "aten::masked_scatter",
@@ -68,13 +70,13 @@ ZERO_FLOP_OPS: Tuple[str, ...] = (
 # --------------------------------------------------------------------------- the counter
 
 
-def _shape(value: Any) -> List[int]:
+def _shape(value: Any) -> list[int]:
     if not value.isCompleteTensor():
         raise ValueError("FLOP counter: scaled_dot_product_attention input without a known shape")
     return list(value.type().sizes())
 
 
-def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     """``aten::scaled_dot_product_attention``: the multiply-adds of q @ k^T and attn @ v.
 
     q (..., L, E), k (..., S, E), v (..., S, Ev): L*S*E + L*S*Ev per leading index, exactly
@@ -86,7 +88,7 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return rows * k[-2] * q[-1] + rows * k[-2] * v[-1]
 
 
-def flop_analyzer(module: nn.Module, inputs: Tuple[Tensor, ...]):
+def flop_analyzer(module: nn.Module, inputs: tuple[Tensor, ...]):
     """mmengine's ``FlopAnalyzer`` (fvcore's counter) with the rules DToP needs added."""
     from mmengine.analysis import FlopAnalyzer
 
@@ -111,10 +113,11 @@ class FlopBreakdown:
     def total(self) -> float:
         return self.backbone + self.heads + self.resize
 
-    def __add__(self, other: "FlopBreakdown") -> "FlopBreakdown":
-        return FlopBreakdown(self.backbone + other.backbone, self.heads + other.heads, self.resize + other.resize)
+    def __add__(self, other: FlopBreakdown) -> FlopBreakdown:
+        return FlopBreakdown(self.backbone + other.backbone, self.heads + other.heads,
+                             self.resize + other.resize)
 
-    def scaled(self, factor: float) -> "FlopBreakdown":
+    def scaled(self, factor: float) -> FlopBreakdown:
         return FlopBreakdown(self.backbone * factor, self.heads * factor, self.resize * factor)
 
     def gflops(self) -> dict:
@@ -137,7 +140,7 @@ class _CountedForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: Tensor, *forced_exits: Tensor) -> Tuple[Tensor, ...]:
+    def forward(self, inputs: Tensor, *forced_exits: Tensor) -> tuple[Tensor, ...]:
         out = self.model.forward_dtop(inputs, list(forced_exits) if forced_exits else None)
         scores = F.interpolate(out.scores, size=inputs.shape[-2:], mode="bilinear",
                                align_corners=self.model.align_corners)
@@ -154,7 +157,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def trace_flops(model: nn.Module, inputs: Tensor, forced_exits: Optional[Sequence[Tensor]] = None) -> FlopBreakdown:
+def trace_flops(model: nn.Module, inputs: Tensor,
+                forced_exits: Sequence[Tensor] | None = None) -> FlopBreakdown:
     """FLOPs per image of one forward of ``model`` on ``inputs`` (B, 3, H, W), by tracing.
 
     The count covers the whole batch and is divided by B. With B > 1 and exits, the
@@ -169,15 +173,15 @@ def trace_flops(model: nn.Module, inputs: Tensor, forced_exits: Optional[Sequenc
         fa = flop_analyzer(wrapper, args)
         by_module = fa.by_module()
     total = float(by_module[""])
-    backbone = float(by_module.get("model.backbone", 0))
     heads = float(by_module.get("model.decode_head", 0)) + float(by_module.get("model.auxiliary_head", 0))
-    other = float(by_module.get("model", 0)) - backbone - heads
-    # what lies outside the model's modules is the final resize (and zero-cost glue)
-    br = FlopBreakdown(backbone=backbone + other, heads=heads, resize=total - float(by_module.get("model", 0)))
+    in_model = float(by_module.get("model", 0))
+    # ops of forward_dtop outside any submodule (exit glue: zero-cost) go with the backbone;
+    # what lies outside the model is the final resize
+    br = FlopBreakdown(backbone=in_model - heads, heads=heads, resize=total - in_model)
     return br.scaled(1.0 / inputs.shape[0])
 
 
-def count_gflops(model: nn.Module, inputs: Tensor, forced_exits: Optional[Sequence[Tensor]] = None) -> float:
+def count_gflops(model: nn.Module, inputs: Tensor, forced_exits: Sequence[Tensor] | None = None) -> float:
     """GFLOPs per image of one forward (``forward_dtop`` + final resize), traced with
     mmengine's FlopAnalyzer and the handles above. See :func:`trace_flops`."""
     return trace_flops(model, inputs, forced_exits).total / GIGA
@@ -224,13 +228,13 @@ def atm_head_flops(head: nn.Module, n: int) -> int:
     return flops + _linear(head.class_embed, K)
 
 
-def patch_embed_flops(backbone: nn.Module, hw: Tuple[int, int]) -> int:
+def patch_embed_flops(backbone: nn.Module, hw: tuple[int, int]) -> int:
     """The patch convolution: every output position costs the full kernel."""
     w = backbone.patch_embed.projection.weight
     return hw[0] * hw[1] * w.numel()
 
 
-def resize_flops(num_classes: int, out_hw: Tuple[int, int]) -> int:
+def resize_flops(num_classes: int, out_hw: tuple[int, int]) -> int:
     """Bilinear resize of the class scores: fvcore counts 4 per output element."""
     return 4 * num_classes * out_hw[0] * out_hw[1]
 
@@ -241,8 +245,8 @@ def aux_heads_active(model: nn.Module) -> bool:
     return float(model.threshold) < 1.0 or getattr(model, "eval_stage", None) is not None
 
 
-def cost_from_counts(model: nn.Module, hw: Tuple[int, int], counts: Sequence[int],
-                     out_hw: Optional[Tuple[int, int]] = None, aux_heads: Optional[bool] = None) -> FlopBreakdown:
+def cost_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int],
+                     out_hw: tuple[int, int] | None = None, aux_heads: bool | None = None) -> FlopBreakdown:
     """FLOPs of one forward of one image from the tokens each stage ran on.
 
     hw: token grid (h, w). counts: tokens each stage's layers ran on (a row of
@@ -267,16 +271,17 @@ def cost_from_counts(model: nn.Module, hw: Tuple[int, int], counts: Sequence[int
         backbone += sum(vit_layer_flops(bb.layers[i], n) for i in range(start, end))
         if s == len(bounds) - 1 or aux_heads:
             head_flops += atm_head_flops(heads[s], n)
-    return FlopBreakdown(float(backbone), float(head_flops), float(resize_flops(model.decode_head.num_classes, out_hw)))
+    resize = resize_flops(model.decode_head.num_classes, out_hw)
+    return FlopBreakdown(float(backbone), float(head_flops), float(resize))
 
 
-def gflops_from_counts(model: nn.Module, hw: Tuple[int, int], counts: Sequence[int],
-                       out_hw: Optional[Tuple[int, int]] = None, aux_heads: Optional[bool] = None) -> float:
+def gflops_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int],
+                       out_hw: tuple[int, int] | None = None, aux_heads: bool | None = None) -> float:
     """GFLOPs of one forward of one image from its active token counts (see cost_from_counts)."""
     return cost_from_counts(model, hw, counts, out_hw, aux_heads).total / GIGA
 
 
-def windows_gflops(model: nn.Module, windows: Sequence[Tuple[int, int, Sequence[int]]]) -> float:
+def windows_gflops(model: nn.Module, windows: Sequence[tuple[int, int, Sequence[int]]]) -> float:
     """GFLOPs one image cost under the test protocol: the sum over the forward windows
     (h, w in pixels, active counts per stage) it was run on (``metainfo['dtop_windows']``)."""
     ps = model.backbone.patch_size
@@ -290,11 +295,11 @@ def windows_gflops(model: nn.Module, windows: Sequence[Tuple[int, int, Sequence[
 # --------------------------------------------------------------------------- reports
 
 
-def _as_preset(preset: Union[str, Path, Preset]) -> Preset:
+def _as_preset(preset: str | Path | Preset) -> Preset:
     return preset if isinstance(preset, Preset) else load_preset(str(preset))
 
 
-def _check_shape(p: Preset, shape: Optional[Sequence[int]]) -> Tuple[int, int]:
+def _check_shape(p: Preset, shape: Sequence[int] | None) -> tuple[int, int]:
     if shape is None:
         return int(p.data.crop[0]), int(p.data.crop[1])
     if len(shape) != 2 or any(int(s) < 1 for s in shape):
@@ -308,13 +313,15 @@ def _check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def _paper_gflops(p: Preset, threshold: float, shape: Tuple[int, int]) -> Optional[float]:
-    """The paper's number this measurement is comparable with, if any (crop size only)."""
+def _paper_gflops(p: Preset, threshold: float, shape: tuple[int, int], dynamic: bool) -> float | None:
+    """The paper's number this measurement is comparable with, if any: the base GFLOPs at
+    threshold 1.0, the pruned average only for a dataset run at the preset's threshold;
+    crop size only."""
     if p.paper is None or tuple(shape) != tuple(p.data.crop):
         return None
     if threshold >= 1.0:
         return float(p.paper.base_gflops)
-    return float(p.paper.pruned_gflops) if threshold == p.exit.threshold else None
+    return float(p.paper.pruned_gflops) if dynamic and threshold == p.exit.threshold else None
 
 
 @contextlib.contextmanager
@@ -333,7 +340,7 @@ def _skip_weight_init() -> Iterator[None]:
             setattr(nn.init, n, fn)
 
 
-def static_gflops(preset: Union[str, Path, Preset], shape: Optional[Sequence[int]] = None,
+def static_gflops(preset: str | Path | Preset, shape: Sequence[int] | None = None,
                   threshold: float = 1.0) -> dict:
     """Cost of one image at crop size (or ``shape``) with nothing exiting; no checkpoint.
 
@@ -367,11 +374,11 @@ def static_gflops(preset: Union[str, Path, Preset], shape: Optional[Sequence[int
         "threshold": thr,
         "shape": [H, W],
         "tokens": gh * gw,
-        "paper_gflops": _paper_gflops(p, thr, (H, W)),
+        "paper_gflops": _paper_gflops(p, thr, (H, W), dynamic=False),
     }
 
 
-def val_image_paths(preset: Preset, data_root: Union[str, Path]) -> List[str]:
+def val_image_paths(preset: Preset, data_root: str | Path) -> list[str]:
     """The validation images the preset's dataset holds, in the dataset's own order."""
     from mmengine.registry import DefaultScope
     from mmseg.registry import DATASETS
@@ -392,7 +399,7 @@ def val_image_paths(preset: Preset, data_root: Union[str, Path]) -> List[str]:
     return [ds.get_data_info(i)["img_path"] for i in range(len(ds))]
 
 
-def crop_window(img, crop: Tuple[int, int]):
+def crop_window(img, crop: tuple[int, int]):
     """The central crop-size window of an image (smaller sides are kept whole)."""
     h, w = img.shape[:2]
     ch, cw = min(crop[0], h), min(crop[1], w)
@@ -400,28 +407,28 @@ def crop_window(img, crop: Tuple[int, int]):
     return img[y0:y0 + ch, x0:x0 + cw]
 
 
-def _model_input(model: nn.Module, window, size: Tuple[int, int]) -> Tensor:
+def _model_input(model: nn.Module, window, size: tuple[int, int]) -> Tensor:
     """uint8 BGR window -> normalised (1, 3, H, W) on the model's device, padded
     bottom/right to ``size`` with the preprocessor's pad value (as mmseg pads)."""
     t = torch.from_numpy(window.copy()).permute(2, 0, 1).contiguous()
     pre = model.data_preprocessor
-    x = pre(dict(inputs=[t]), training=False)["inputs"]
+    x = pre({"inputs": [t]}, training=False)["inputs"]
     h, w = x.shape[-2:]
     if (h, w) != tuple(size):
         x = F.pad(x, (0, size[1] - w, 0, size[0] - h), value=float(getattr(pre, "pad_val", 0)))
     return x
 
 
-def _stage_exits(counts: Sequence[int]) -> List[int]:
+def _stage_exits(counts: Sequence[int]) -> list[int]:
     """Tokens finalised by each stage: those that ran stage s but not stage s+1."""
     c = [int(v) for v in counts]
-    return [a - b for a, b in zip(c, c[1:])] + [c[-1]]
+    return [a - b for a, b in pairwise(c)] + [c[-1]]
 
 
 @torch.no_grad()
-def dataset_gflops(model: nn.Module, preset: Union[str, Path, Preset], data_root: Union[str, Path],
-                   images: Optional[int] = None, threshold: Optional[float] = None, progress: bool = True,
-                   shape: Optional[Sequence[int]] = None) -> dict:
+def dataset_gflops(model: nn.Module, preset: str | Path | Preset, data_root: str | Path,
+                   images: int | None = None, threshold: float | None = None, progress: bool = True,
+                   shape: Sequence[int] | None = None) -> dict:
     """Dynamic cost of ``model`` over validation images: average GFLOPs per image and the
     share of tokens each stage finalised (sums to 1).
 
@@ -453,9 +460,9 @@ def dataset_gflops(model: nn.Module, preset: Union[str, Path, Preset], data_root
     old_threshold = model.threshold
     total = FlopBreakdown(0.0, 0.0, 0.0)
     exited = [0] * S
-    with _eval_mode(model), Progress(TextColumn("[bold]flops[/] {task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeRemainingColumn(),
-                                     console=Console(stderr=True), transient=True, disable=not progress) as bar:
+    bar = Progress(TextColumn("[bold]flops[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not progress)
+    with _eval_mode(model), bar:
         try:
             if threshold is not None:
                 model.threshold = _check_threshold(threshold)
@@ -488,14 +495,14 @@ def dataset_gflops(model: nn.Module, preset: Union[str, Path, Preset], data_root
         "threshold": thr,
         "shape": list(size),
         "tokens": tokens // n,
-        "paper_gflops": _paper_gflops(p, thr, size),
+        "paper_gflops": _paper_gflops(p, thr, size, dynamic=True),
     }
 
 
-def flops_report(preset: str, ckpt: Optional[Union[str, Path]] = None, threshold: Optional[float] = None,
-                 images: Optional[int] = None, shape: Optional[Sequence[int]] = None,
-                 data_root: Union[str, Path] = "data", overrides: Optional[List[str]] = None,
-                 device: Optional[str] = None, progress: bool = True) -> dict:
+def flops_report(preset: str, ckpt: str | Path | None = None, threshold: float | None = None,
+                 images: int | None = None, shape: Sequence[int] | None = None,
+                 data_root: str | Path = "data", overrides: list[str] | None = None,
+                 device: str | None = None, progress: bool = True) -> dict:
     """What `dtop flops` reports. Without a checkpoint: one crop-size image, nothing exits
     (static, threshold 1.0 unless given). With one: the dynamic average over the
     validation images (the first ``images`` of them)."""

@@ -3,8 +3,6 @@ paper's base GFLOPs come out of `dtop flops`."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -93,7 +91,8 @@ def test_stock_counter_misses_sdpa_and_ours_does_not():
     fa = FlopAnalyzer(_SDPA(), (q, q, q, torch.ones(1, 8, dtype=torch.bool)))
     fa.unsupported_ops_warnings(False)
     assert fa.total() == 0
-    assert FL.flop_analyzer(_SDPA(), (q, q, q, torch.ones(1, 8, dtype=torch.bool))).total() == 2 * 2 * 8 * 8 * 4
+    ours = FL.flop_analyzer(_SDPA(), (q, q, q, torch.ones(1, 8, dtype=torch.bool))).total()
+    assert ours == 2 * 2 * 8 * 8 * 4
 
 
 # ----------------------------------------------------------------- trace == closed form
@@ -180,7 +179,8 @@ def test_windows_sum_and_api_predict_uses_the_counter():
     # a window not a multiple of the patch: grid rounds up, the resize is to the window itself
     odd = FL.windows_gflops(model, [(200, 300, [13 * 19] * 3)])
     assert odd == pytest.approx(FL.count_gflops(model, torch.randn(1, 3, 200, 300)), rel=1e-12)
-    assert FL.windows_gflops(model, [(256, 256, [256] * 3), (200, 300, [247] * 3)]) == pytest.approx(static + odd)
+    both = FL.windows_gflops(model, [(256, 256, [256] * 3), (200, 300, [247] * 3)])
+    assert both == pytest.approx(static + odd)
 
 
 # ----------------------------------------------------------------- static / dataset
@@ -191,9 +191,15 @@ def test_static_counts_aux_heads_only_below_threshold_one():
     pruned = FL.static_gflops("tiny-synthetic", threshold=0.9)
     model = tiny_model()
     aux = sum(FL.atm_head_flops(h, 256) for h in model.auxiliary_head) / 1e9
-    assert base["gflops"] == pytest.approx(hand_formula(model, (16, 16), [256] * 3, False, (256, 256)), rel=1e-12)
+    by_hand = hand_formula(model, (16, 16), [256] * 3, False, (256, 256))
+    assert base["gflops"] == pytest.approx(by_hand, rel=1e-12)
     assert pruned["gflops"] - base["gflops"] == pytest.approx(aux, rel=1e-9)
     assert base["exit_share"] == [0.0, 0.0, 1.0] and base["images"] == 1
+    ade = P.load_preset("segvit-base-ade")
+    assert FL._paper_gflops(ade, 1.0, (512, 512), dynamic=False) == 109.9
+    assert FL._paper_gflops(ade, 0.9, (512, 512), dynamic=False) is None  # nothing exits: not the average
+    assert FL._paper_gflops(ade, 0.9, (512, 512), dynamic=True) == 86.8
+    assert FL._paper_gflops(ade, 1.0, (256, 256), dynamic=False) is None
     assert sum(base["breakdown"].values()) == pytest.approx(base["gflops"])
 
 
@@ -284,7 +290,8 @@ def test_cli_flops_json_static(run_cli):
     obj = r.json()
     assert {"gflops", "images", "exit_share"} <= set(obj)
     assert obj["images"] == 1 and obj["exit_share"] == [0.0, 0.0, 1.0] and obj["shape"] == [128, 192]
-    assert obj["gflops"] == pytest.approx(FL.count_gflops(tiny_model(), torch.zeros(1, 3, 128, 192)), rel=1e-12)
+    traced = FL.count_gflops(tiny_model(), torch.zeros(1, 3, 128, 192))
+    assert obj["gflops"] == pytest.approx(traced, rel=1e-12)
 
 
 def test_cli_flops_table_and_bad_input(run_cli):

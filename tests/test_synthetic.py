@@ -27,7 +27,7 @@ def test_layout_matches_ade20k(tmp_path: Path) -> None:
         anns = sorted((root / "annotations" / split).glob("*.png"))
         assert len(imgs) == n and len(anns) == n
         assert [p.stem for p in imgs] == [p.stem for p in anns]
-        for ip, ap in zip(imgs, anns):
+        for ip, ap in zip(imgs, anns, strict=True):
             img = cv2.imread(str(ip), cv2.IMREAD_UNCHANGED)
             ann = cv2.imread(str(ap), cv2.IMREAD_UNCHANGED)
             assert img.shape == (64, 64, 3) and img.dtype == np.uint8

@@ -258,7 +258,8 @@ def make_synthetic(data_root: Path, seed: int = 0, n_train: int = 400, n_val: in
     either nothing or the complete dataset.
     """
     if n_train < 1 or n_val < 1:
-        raise UserError(f"synthetic dataset: need at least one image per split (got train={n_train}, val={n_val})")
+        raise UserError(f"synthetic dataset: need at least one image per split "
+                        f"(got train={n_train}, val={n_val})")
     if size < 32 or size % 16:
         raise UserError(f"synthetic dataset: size must be a multiple of 16 and >= 32 (got {size})")
     data_root = Path(data_root)

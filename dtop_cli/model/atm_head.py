@@ -7,8 +7,9 @@ simply not passed in, so they are not keys of its cross-attention.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -36,9 +37,12 @@ class ATMDecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
 
-    def forward(self, q: Tensor, memory: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, memory: Tensor, valid: Optional[Tensor],
+                kv: Optional[Tuple[Tensor, Tensor]] = None,
+                with_masks: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        """kv / with_masks: see ``MaskCrossAttention.forward``."""
         q = self.norm1(q + self.dropout1(self.self_attn(q)))
-        attended, mask_logits = self.multihead_attn(q, memory, valid)
+        attended, mask_logits = self.multihead_attn(q, memory, valid, kv=kv, with_masks=with_masks)
         q = self.norm2(q + self.dropout2(attended))
         q = self.norm3(q + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(q))))))
         return q, mask_logits
@@ -48,6 +52,20 @@ class ATMDecoder(nn.Module):
     def __init__(self, dims: int, num_heads: int, num_layers: int, dropout: float) -> None:
         super().__init__()
         self.layers = nn.ModuleList(ATMDecoderLayer(dims, num_heads, dropout) for _ in range(num_layers))
+
+    def memory_kv(self, memory: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        """Keys and values of every layer's cross-attention, from one matmul.
+
+        They all read the same memory, so their six-or-so projections are one wide linear
+        (weights concatenated on the fly, so training and checkpoints see the separate
+        layers): one kernel instead of one per projection, and a better-shaped matmul.
+        Returns per layer (k, v), each (B, L, C), views into the one result.
+        """
+        attns = [layer.multihead_attn for layer in self.layers]
+        weight = torch.cat([w for a in attns for w in (a.k.weight, a.v.weight)])
+        bias = torch.cat([b for a in attns for b in (a.k.bias, a.v.bias)])
+        parts = F.linear(memory, weight, bias).split(attns[0].k.out_features, dim=-1)
+        return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(attns))]
 
 
 class ATMHead(nn.Module):
@@ -75,7 +93,10 @@ class ATMHead(nn.Module):
         """tokens (B, L, D) -> presence logits (B, K, 2), mask logits (B, K, L)."""
         memory = self.proj_norm(self.input_proj(tokens))
         q = self.q.weight.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        kv = self.decoder.memory_kv(memory)
+        last = len(self.decoder.layers) - 1
         mask_logits = None
-        for layer in self.decoder.layers:
-            q, mask_logits = layer(q, memory, valid)
+        for i, layer in enumerate(self.decoder.layers):
+            # only the last layer's masks are used: the others take the fused attention
+            q, mask_logits = layer(q, memory, valid, kv=kv[i], with_masks=i == last)
         return self.class_embed(q), mask_logits

@@ -9,6 +9,8 @@ Shapes: B images, K classes, L token slots (possibly padded), D channels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -46,7 +48,7 @@ def keep_topk_per_class(best: Tensor, cls: Tensor, retiring: Tensor, num_classes
     B, L = best.shape
     member = torch.zeros(B, num_classes, L, dtype=torch.bool, device=best.device)
     member.scatter_(1, cls.unsqueeze(1), retiring.unsqueeze(1))
-    ranked = torch.where(member, best.unsqueeze(1), torch.full_like(best, -1.0).unsqueeze(1))
+    ranked = torch.where(member, best.unsqueeze(1), -1.0)
     vals, idx = ranked.topk(min(k, L), dim=-1)  # (B, K, k)
     chosen = (vals >= 0).to(torch.int32)  # scores are in [0, 1]; -1 marks non-members
     keep = torch.zeros(B, L, dtype=torch.int32, device=best.device)
@@ -61,18 +63,63 @@ def exit_decision(scores: Tensor, threshold: float, keep_topk: int, valid: Tenso
     return retiring & ~keep
 
 
-def compact_plan(active: Tensor) -> tuple[Tensor, Tensor]:
+def compact_plan(active: Tensor, width: int | None = None, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Gather plan that packs the active tokens of every image to the front of the slot axis.
 
     Returns idx (B, L') with the slot index of each kept token, in original order, padded
-    with indices of inactive slots, and valid (B, L') marking real tokens. L' is the largest
-    active count in the batch (one host sync: the padded length must be known).
+    with indices of inactive slots, and valid (B, L') marking real tokens. L' = width,
+    by default the largest active count in the batch (then one host sync: the padded
+    length must be known); a caller that already knows it (or pads to a bucket size,
+    at most the slot count) passes it, with the per-image counts if it has them.
     """
-    counts = active.sum(dim=1)
-    width = int(counts.max())
+    counts = active.sum(dim=1) if counts is None else counts
+    if width is None:
+        width = int(counts.max())
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=active.device).unsqueeze(0) < counts.unsqueeze(1)
     return order, valid
+
+
+@dataclass
+class ExitPlan:
+    """How the tokens of a batch go on after a stage.
+
+    leaving (B, L): slots whose token retires now (after the keep-one rule). idx (B, W):
+    gather plan of the staying tokens (see :func:`compact_plan`). valid (B, W) or None
+    when no slot of the new batch is padding. counts (B,): tokens each image keeps.
+    """
+
+    leaving: Tensor
+    idx: Tensor
+    valid: Tensor | None
+    counts: Tensor
+
+
+def exit_plan(leaving: Tensor, valid: Tensor | None = None, multiple: int = 1) -> ExitPlan | None:
+    """Turn the retiring slots of a stage into the next stage's gather plan, with one sync.
+
+    leaving (B, L) must already exclude padding slots. None when no token leaves (the
+    batch goes on unchanged). An image keeps at least one token (its slot 0, always
+    real): the heads need a key. The new width is the largest count rounded up to a
+    multiple of `multiple` (at most L): fewer distinct shapes for captured graphs.
+    The only host syncs are the one read of (largest count, smallest count, leavers),
+    which also tells whether the new batch needs a padding mask, and a second one in the
+    rare case that an image would lose every token.
+    """
+    active = ~leaving if valid is None else valid & ~leaving
+    counts = active.sum(dim=1)
+    hi, lo, gone = torch.stack([counts.max(), counts.min(), leaving.sum()]).tolist()
+    if gone and not lo:
+        leaving = leaving.clone()
+        leaving[:, 0] &= counts > 0
+        active = ~leaving if valid is None else valid & ~leaving
+        counts = active.sum(dim=1)
+        hi, lo, gone = torch.stack([counts.max(), counts.min(), leaving.sum()]).tolist()
+    if not gone:
+        return None
+    width = min(-(-hi // multiple) * multiple, leaving.shape[1])
+    idx, new_valid = compact_plan(active, width, counts)
+    return ExitPlan(leaving, idx, None if lo == width else new_valid, counts)
 
 
 def drop_full_mask(valid: Tensor) -> Tensor | None:

@@ -51,7 +51,9 @@ class MaskCrossAttention(nn.Module):
     """Cross-attention from class queries to tokens that also returns its logits.
 
     The head-averaged scaled q.k (before softmax) is the class's mask logit per token, which
-    is why this attention is written out instead of calling SDPA.
+    is why this attention is written out when the masks are wanted. Only the last decoder
+    layer's masks are used, so the other layers pass ``with_masks=False`` and take the
+    fused SDPA kernel instead (same attention, no (B, h, K, L) logits tensor, fewer ops).
     """
 
     def __init__(self, dims: int, num_heads: int, attn_drop: float = 0.0) -> None:
@@ -64,13 +66,28 @@ class MaskCrossAttention(nn.Module):
         self.proj = nn.Linear(dims, dims)
         self.attn_drop = nn.Dropout(attn_drop)
 
-    def forward(self, queries: Tensor, memory: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, queries: Tensor, memory: Tensor, valid: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None,
+                with_masks: bool = True) -> tuple[Tensor, Tensor | None]:
+        """queries (B, K, C), memory (B, L, C) -> (attended (B, K, C), mask logits (B, K, L)).
+
+        kv: the memory's key and value projections (B, L, C) when the caller computed them
+        already (the head projects all its layers' keys/values in one matmul).
+        with_masks False: return None for the mask logits and run the fused kernel.
+        """
         B, K, C = queries.shape
-        L = memory.shape[1]
         h = self.num_heads
+        k, v = (self.k(memory), self.v(memory)) if kv is None else kv
+        L = k.shape[1]
         q = self.q(queries).view(B, K, h, C // h).transpose(1, 2)
-        k = self.k(memory).view(B, L, h, C // h).transpose(1, 2)
-        v = self.v(memory).view(B, L, h, C // h).transpose(1, 2)
+        k = k.view(B, L, h, C // h).transpose(1, 2)
+        v = v.view(B, L, h, C // h).transpose(1, 2)
+        if not with_masks:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_padding_to_attn_mask(valid),
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+            )
+            return self.proj(out.transpose(1, 2).reshape(B, K, C)), None
         logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, K, L)
         mask_logits = logits.mean(dim=1)
         if valid is not None:

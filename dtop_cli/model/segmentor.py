@@ -69,6 +69,8 @@ class DToPSegmentor(EncoderDecoder):
         self.threshold = float(exit_cfg.get("threshold", 1.0))
         self.keep_topk = int(exit_cfg.get("keep_topk", 5))
         self.eval_stage: Optional[int] = None
+        # set by enable_cuda_graphs(): replays captured stages instead of the eager forward
+        self.graph_runner = None
 
     @property
     def num_stages(self) -> int:
@@ -85,6 +87,13 @@ class DToPSegmentor(EncoderDecoder):
         naming the tokens (by grid position) that leave after it, instead of the threshold
         rule. Tokens already gone are ignored; heads still run as with exits active.
         """
+        runner = self.graph_runner
+        if runner is not None and runner.accepts(self, inputs):
+            return runner.forward(self, inputs, forced_exits)
+        return self._forward_eager(inputs, forced_exits)
+
+    def _forward_eager(self, inputs: Tensor, forced_exits: Optional[List[Tensor]] = None) -> DToPOutput:
+        """The forward op by op (what the graph runner captures for the dense model)."""
         prune = self.threshold < 1.0 or forced_exits is not None
         need_all_heads = self.training or prune or self.eval_stage is not None
         x, (gh, gw) = self.backbone.embed(inputs)
@@ -95,12 +104,13 @@ class DToPSegmentor(EncoderDecoder):
         valid: Optional[Tensor] = None  # (B, L) real slots; None = no padding
         merged: Optional[Tensor] = None  # (B, K, N) mask logits from each token's latest head
         exit_stage = torch.full((B, N), S, dtype=torch.long, device=x.device)
-        counts = torch.zeros(B, S, dtype=torch.long, device=x.device)
+        counts = torch.empty(B, S, dtype=torch.long, device=x.device)
+        running: "int | Tensor" = N  # tokens per image the next stage runs on
         stage_presence: List[Optional[Tensor]] = [None] * S
         stage_masks: List[Optional[Tensor]] = [None] * S
         presence = None
         for s, (start, end) in enumerate(self.backbone.stage_bounds()):
-            counts[:, s] = x.shape[1] if valid is None else valid.sum(1)
+            counts[:, s] = running
             x = self.backbone.forward_layers(x, start, end, valid)
             last = s == S - 1
             if not (last or need_all_heads):
@@ -112,27 +122,45 @@ class DToPSegmentor(EncoderDecoder):
             if last or not prune:
                 continue
             with torch.no_grad():
-                slot_pos = pos if pos is not None else torch.arange(N, device=x.device).expand(B, N)
                 if forced_exits is not None:
-                    leaving = forced_exits[s].to(x.device).gather(1, slot_pos)
+                    leaving = forced_exits[s].to(x.device)
+                    leaving = leaving if pos is None else leaving.gather(1, pos)
                     leaving = leaving if valid is None else leaving & valid
                 else:
                     leaving = X.exit_decision(X.token_scores(presence, masks), self.threshold, self.keep_topk, valid)
-                # an image keeps at least one token (slot 0 is always real): heads need a key
-                leaving[:, 0] &= (~leaving if valid is None else valid & ~leaving).any(1)
-                if not bool(leaving.any()):
+                plan = X.exit_plan(leaving, valid)  # the one host sync of a stage
+                if plan is None:
                     continue
-                exit_stage.scatter_(1, slot_pos, torch.where(leaving, s + 1, exit_stage.gather(1, slot_pos)))
-                active = ~leaving if valid is None else valid & ~leaving
-                idx, valid = X.compact_plan(active)
-                valid = X.drop_full_mask(valid)
-                pos = X.gather_tokens(slot_pos, idx)
-            x = X.gather_tokens(x, idx)
+                if pos is None:  # slots are still the token positions
+                    exit_stage.masked_fill_(plan.leaving, s + 1)
+                else:
+                    exit_stage.scatter_(1, pos, torch.where(plan.leaving, s + 1, exit_stage.gather(1, pos)))
+                valid = plan.valid
+                pos = plan.idx if pos is None else X.gather_tokens(pos, plan.idx)
+                running = plan.counts
+            x = X.gather_tokens(x, plan.idx)
         if self.eval_stage is not None:
             presence = stage_presence[self.eval_stage - 1]
             merged = stage_masks[self.eval_stage - 1].flatten(2)
         scores = X.token_scores(presence, merged).view(B, -1, gh, gw)
         return DToPOutput(scores, exit_stage.view(B, gh, gw), counts, stage_presence, stage_masks)
+
+    def enable_cuda_graphs(self, bucket: int = 16, capture: bool = True) -> None:
+        """Replay inference as CUDA graphs (one per stage and padded width; the dense model
+        as one graph). For the launch-bound case: small models or batches on a GPU.
+
+        bucket: token counts are padded up to a multiple of this, so that a few captured
+        graphs per stage cover every count. capture False runs the same staged program
+        without graphs (any device; used by the tests). Only inference without gradients
+        and without ``eval_stage`` uses it; everything else runs eagerly.
+        """
+        from .graphs import StageGraphRunner
+
+        self.graph_runner = StageGraphRunner(bucket=bucket, capture=capture)
+
+    def disable_cuda_graphs(self) -> None:
+        """Back to the eager forward (frees the captured graphs)."""
+        self.graph_runner = None
 
     # ------------------------------------------------------------------ mmseg API
     def extract_feat(self, inputs: Tensor) -> DToPOutput:  # type: ignore[override]
