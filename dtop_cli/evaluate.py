@@ -99,6 +99,10 @@ def evaluate(
         raise UserError(f"--images must be >= 1 (got {images})")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible here")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device must be cpu or cuda (got {device})")
     _register_all()
     with contextlib.redirect_stdout(sys.stderr):
         model = api.load_model(preset, checkpoint, threshold=threshold, device=device)

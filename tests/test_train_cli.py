@@ -181,6 +181,9 @@ def test_other_bad_options(run_cli, data_root: Path, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         r = run_cli(["train", *common, "--amp"])
         assert r.code == 2 and "--amp" in r.err
+        r = run_cli(["eval", "-p", PRESET, "--ckpt", str(tmp_path / "x.pth"), "--data-root", str(data_root),
+                     "--device", "cuda"])
+        assert r.code == 2 and "CUDA" in r.err
 
 
 # --------------------------------------------------------------------------- config
