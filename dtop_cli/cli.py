@@ -167,17 +167,21 @@ def _print_splits(title: str, splits: dict) -> None:
 # --------------------------------------------------------------------------- train / prune / eval / config
 
 DataRootOpt = typer.Option(Path("data"), "--data-root", help="Folder the presets read datasets from.")
-WorkDirOpt = typer.Option(None, "--work-dir", help="Checkpoints and logs (default: work_dirs/<preset>/<phase>).")
+WorkDirOpt = typer.Option(None, "--work-dir",
+                          help="Checkpoints and logs (default: work_dirs/<preset>/<phase>).")
 GpusOpt = typer.Option(1, "--gpus", help="Processes per node (one per GPU), started through torchrun.")
 NnodesOpt = typer.Option(1, "--nnodes", help="Machines taking part (torchrun --nnodes).")
 NodeRankOpt = typer.Option(0, "--node-rank", help="This machine's rank among --nnodes.")
 MasterAddrOpt = typer.Option(None, "--master-addr", help="Address of the rank-0 machine (several machines).")
 MasterPortOpt = typer.Option(None, "--master-port", help="Port on the rank-0 machine (default: a free one).")
-LauncherOpt = typer.Option("none", "--launcher", help="none, pytorch (set for you by --gpus) or slurm (under srun).")
+LauncherOpt = typer.Option("none", "--launcher",
+                           help="none, pytorch (set for you by --gpus) or slurm (under srun).")
 AmpOpt = typer.Option(False, "--amp", help="bf16 autocast (CUDA only).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue from the work dir's last complete checkpoint.")
-MaxItersOpt = typer.Option(None, "--max-iters", help="Shorten the schedule (warm-up and poly horizon scale along).")
-PretrainedOpt = typer.Option(None, "--pretrained", help="Local pretrained ViT weights instead of the preset's URL.")
+MaxItersOpt = typer.Option(None, "--max-iters",
+                           help="Shorten the schedule (warm-up and poly horizon scale along).")
+PretrainedOpt = typer.Option(None, "--pretrained",
+                             help="Local pretrained ViT weights instead of the preset's URL.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed.")
 VerboseOpt = typer.Option(False, "--verbose", help="Show mmengine's full log on stderr.")
 
@@ -267,7 +271,8 @@ def prune_cmd(
     from_ckpt: Path = typer.Option(..., "--from", help="Base checkpoint to fine-tune with exits on."),
     preset: str = PresetOpt,
     thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the preset's)."),
-    topk: Optional[int] = typer.Option(None, "--topk", help="Tokens kept per class for context (default: the preset's)."),
+    topk: Optional[int] = typer.Option(None, "--topk",
+                                       help="Tokens kept per class for context (default: the preset's)."),
     data_root: Path = DataRootOpt,
     work_dir: Optional[Path] = WorkDirOpt,
     gpus: int = GpusOpt,
@@ -294,11 +299,14 @@ def prune_cmd(
 def eval_cmd(
     preset: str = PresetOpt,
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint to evaluate (dtop's or the public code's)."),
-    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
-    flops: bool = typer.Option(False, "--flops", help="Also average GFLOPs and the share of tokens each stage finalised."),
+    thresh: Optional[float] = typer.Option(
+        None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
+    flops: bool = typer.Option(
+        False, "--flops", help="Also average GFLOPs and the share of tokens each stage finalised."),
     per_class: bool = typer.Option(False, "--per-class", help="IoU of every class."),
     stages: bool = typer.Option(False, "--stages", help="Also score each head on its own (per-stage mIoU)."),
-    images: Optional[int] = typer.Option(None, "--images", help="Evaluate the first N validation images only."),
+    images: Optional[int] = typer.Option(None, "--images",
+                                         help="Evaluate the first N validation images only."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
     data_root: Path = DataRootOpt,
     overrides: Optional[List[str]] = SetOpt,
@@ -408,7 +416,8 @@ def bench_cmd(
 def config_cmd(
     preset: str = PresetOpt,
     phase: str = typer.Option("base", "--phase", help="base or prune."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the .py config here (default: stdout)."),
+    out_file: Optional[Path] = typer.Option(None, "--out",
+                                            help="Write the .py config here (default: stdout)."),
     data_root: Path = DataRootOpt,
     work_dir: Optional[Path] = WorkDirOpt,
     from_ckpt: Optional[Path] = typer.Option(None, "--from", help="prune: the base checkpoint (load_from)."),
@@ -424,8 +433,8 @@ def config_cmd(
 
     p = load_preset(preset, overrides)
     wd = work_dir if work_dir is not None else Path("work_dirs") / p.name / phase
-    cfg = engine.build_config(p, phase, data_root=data_root, work_dir=wd, max_iters=max_iters, threshold=thresh,
-                              topk=topk, load_from=from_ckpt, world_size=gpus,
+    cfg = engine.build_config(p, phase, data_root=data_root, work_dir=wd, max_iters=max_iters,
+                              threshold=thresh, topk=topk, load_from=from_ckpt, world_size=gpus,
                               launcher="pytorch" if gpus > 1 else "none")
     if out_file is None:
         sys.stdout.write(cfg.pretty_text)
@@ -436,12 +445,17 @@ def config_cmd(
 
 @app.command("quickstart")
 def quickstart_cmd(
-    work_dir: Path = typer.Option(Path("work_dirs/quickstart"), "--work-dir", help="Data, checkpoints, summary.json."),
+    work_dir: Path = typer.Option(Path("work_dirs/quickstart"), "--work-dir",
+                                  help="Data, checkpoints, summary.json."),
     seed: int = SeedOpt,
-    base_iters: Optional[int] = typer.Option(None, "--base-iters", help="Shorten base training (smoke runs)."),
-    prune_iters: Optional[int] = typer.Option(None, "--prune-iters", help="Shorten pruned fine-tuning (smoke runs)."),
-    n_train: Optional[int] = typer.Option(None, "--train-images", help="Smaller synthetic training set (smoke runs)."),
-    n_val: Optional[int] = typer.Option(None, "--val-images", help="Smaller synthetic validation set (smoke runs)."),
+    base_iters: Optional[int] = typer.Option(None, "--base-iters",
+                                             help="Shorten base training (smoke runs)."),
+    prune_iters: Optional[int] = typer.Option(None, "--prune-iters",
+                                              help="Shorten pruned fine-tuning (smoke runs)."),
+    n_train: Optional[int] = typer.Option(None, "--train-images",
+                                          help="Smaller synthetic training set (smoke runs)."),
+    n_val: Optional[int] = typer.Option(None, "--val-images",
+                                        help="Smaller synthetic validation set (smoke runs)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """The embedded demo end to end: prepare synthetic, train, prune, eval --flops of both."""
@@ -562,7 +576,7 @@ def sweep_cmd(
                   "-" if r["gflops"] is None else f"{r['gflops']:.3f}",
                   " / ".join(f"{v:.1%}" for v in r["exit_share"]))
     out.print(t)
-    out.print(f"wrote {res['csv']} and {res['plot']}", highlight=False)
+    out.print(f"wrote {res['csv']} and {res['plot']}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -232,9 +232,7 @@ def panel(bgr: np.ndarray, labels: np.ndarray, stage_img: np.ndarray, rows: np.n
     The exit panel tints the (greyed) photo with the stage colours and draws the token grid,
     so the cheap early-exit regions stand out against the objects that needed every layer.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # A bare Figure renders through Agg without touching pyplot's global backend or state.
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -289,9 +287,7 @@ def sweep_plot(rows: Sequence[dict], title: str, paper: object | None = None) ->
 
     Without a FLOP count (None) the x axis falls back to the threshold itself.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # A bare Figure renders through Agg without touching pyplot's global backend or state.
     from matplotlib.figure import Figure
 
     have_flops = all(r.get("gflops") is not None for r in rows)

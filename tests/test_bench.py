@@ -248,3 +248,19 @@ def test_staged_runner_stays_out_of_training_and_gradients():
     capturing = model.graph_runner.__class__(capture=True)
     with torch.no_grad():
         assert not capturing.accepts(model.eval(), x)  # CPU tensors are never captured
+
+
+def test_cached_key_value_weights_follow_weight_updates():
+    """The inference-time copy of the heads' concatenated k/v weights is never stale."""
+    model = tiny_model()
+    head = model.decode_head
+    tokens = torch.randn(1, 20, 96)
+    with torch.no_grad():
+        before = head(tokens)[1]
+        assert torch.equal(head(tokens)[1], before)  # cached path, same result
+        head.decoder.layers[0].multihead_attn.k.weight.mul_(2.0)  # in-place, as an optimiser or load does
+        after = head(tokens)[1]
+    assert not torch.allclose(after, before)
+    with torch.enable_grad():
+        live = head(tokens)[1]  # the differentiable path concatenates afresh
+    assert torch.allclose(live, after, atol=1e-6)

@@ -230,7 +230,7 @@ def test_infer_json_globs_and_unreadable_inputs(trained, run_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_csv_plot_and_trade_off(trained, run_cli, tmp_path):
+def test_sweep_csv_plot_and_trade_off(trained, run_cli, tmp_path, monkeypatch):
     ths = trained.thresholds + [1.0]
     out_dir = tmp_path / "sweep"
     r = run_cli(["sweep", "--preset", str(trained.preset), "--ckpt", str(trained.ckpt), "--thresholds",
@@ -257,6 +257,18 @@ def test_sweep_csv_plot_and_trade_off(trained, run_cli, tmp_path):
     # below 1.0 the auxiliary heads run, so cost can only fall as the threshold falls further
     assert all(a >= b - 1e-9 for a, b in zip(gf[1:], gf[2:])), gf
     assert gf[-1] < gf[0], gf
+    # without flops.dataset_gflops the test-protocol windows are counted instead; on square
+    # crop-size images (one whole window each) both ways must give the same numbers
+    from dtop_cli import flops
+    from dtop_cli.presets import load_preset
+    from dtop_cli.sweep import run_sweep
+
+    monkeypatch.delattr(flops, "dataset_gflops")
+    alt = run_sweep(load_preset(str(trained.preset)), trained.ckpt, [1.0, ths[0]], trained.data_root,
+                    tmp_path / "alt")
+    assert [a["gflops"] for a in alt["rows"]] == pytest.approx([gf[0], gf[-1]], rel=1e-6)
+    assert alt["rows"][1]["exit_share"] == pytest.approx(obj["rows"][-1]["exit_share"], abs=1e-6)
+    assert alt["rows"][1]["miou"] == pytest.approx(obj["rows"][-1]["miou"])
     # the mIoU at 1.0 is what `dtop eval` reports for the same images
     r = run_cli(["eval", "--preset", str(trained.preset), "--ckpt", str(trained.ckpt), "--thresh", "1.0",
                  "--data-root", str(trained.data_root), "--json"])

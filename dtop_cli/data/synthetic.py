@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import UserError
 
 #: Bump when the drawing changes: a folder made by another version is not "the same data".
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = "dtop-synthetic.json"
 FOLDER = "synthetic"
 
@@ -106,7 +106,8 @@ def _tex_checker(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _tex_speckle(rng: np.random.Generator, size: int) -> np.ndarray:
-    grain = int(rng.integers(1, 3))
+    # 2-3 px grains: still speckle after the training aug's 0.5x downscale, not grey mush
+    grain = int(rng.integers(2, 4))
     n = size // grain + 1
     coarse = (rng.random((n, n)) < 0.5).astype(np.float32)
     return cv2.resize(coarse, (n * grain, n * grain), interpolation=cv2.INTER_NEAREST)[:size, :size]
@@ -153,7 +154,9 @@ def _place_markers(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, 
     """Draw 1-2 markers (ring or filled square) well inside ``mask``, in a contrasting colour."""
     area = int(mask.sum())
     count = 1 + int(area > 14000)
-    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
+    inside = mask.astype(np.uint8)
+    inside[0, :] = inside[-1, :] = inside[:, 0] = inside[:, -1] = 0  # the image edge is a border too
+    dist = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
     mean = float(img[mask].mean()) if area else 128.0
     colour = (20, 20, 20) if mean > 128 else (240, 240, 240)
     for _ in range(count):

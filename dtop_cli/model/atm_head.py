@@ -57,15 +57,31 @@ class ATMDecoder(nn.Module):
         """Keys and values of every layer's cross-attention, from one matmul.
 
         They all read the same memory, so their six-or-so projections are one wide linear
-        (weights concatenated on the fly, so training and checkpoints see the separate
-        layers): one kernel instead of one per projection, and a better-shaped matmul.
+        (weights concatenated, so training and checkpoints see the separate layers): one
+        kernel instead of one per projection, and a better-shaped matmul.
         Returns per layer (k, v), each (B, L, C), views into the one result.
         """
+        weight, bias = self._kv_weights()
+        parts = F.linear(memory, weight, bias).split(self.layers[0].multihead_attn.k.out_features, dim=-1)
+        return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(self.layers))]
+
+    def _kv_weights(self) -> Tuple[Tensor, Tensor]:
+        """The concatenated key/value weights. In inference they are kept between calls
+        (keyed on the parameters' storage and version counters, so any update, in-place
+        or not, makes a fresh copy); with gradients, while tracing or while a CUDA graph
+        is being captured they are concatenated on every call (differentiable / live)."""
         attns = [layer.multihead_attn for layer in self.layers]
-        weight = torch.cat([w for a in attns for w in (a.k.weight, a.v.weight)])
-        bias = torch.cat([b for a in attns for b in (a.k.bias, a.v.bias)])
-        parts = F.linear(memory, weight, bias).split(attns[0].k.out_features, dim=-1)
-        return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(attns))]
+        weights = [w for a in attns for w in (a.k.weight, a.v.weight)]
+        biases = [b for a in attns for b in (a.k.bias, a.v.bias)]
+        live = torch.is_grad_enabled() or torch.jit.is_tracing() or (
+            weights[0].is_cuda and torch.cuda.is_current_stream_capturing())
+        if live:
+            return torch.cat(weights), torch.cat(biases)
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in (*weights, *biases))
+        cached = self.__dict__.get("_kv_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_kv_cache"] = (key, torch.cat(weights), torch.cat(biases))
+        return cached[1], cached[2]
 
 
 class ATMHead(nn.Module):
