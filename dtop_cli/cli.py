@@ -452,17 +452,19 @@ def quickstart_cmd(
                                              help="Shorten base training (smoke runs)."),
     prune_iters: Optional[int] = typer.Option(None, "--prune-iters",
                                               help="Shorten pruned fine-tuning (smoke runs)."),
+    pretrain_iters: Optional[int] = typer.Option(None, "--pretrain-iters",
+                                                 help="Shorten backbone pretraining (smoke runs)."),
     n_train: Optional[int] = typer.Option(None, "--train-images",
                                           help="Smaller synthetic training set (smoke runs)."),
     n_val: Optional[int] = typer.Option(None, "--val-images",
                                         help="Smaller synthetic validation set (smoke runs)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """The embedded demo end to end: prepare synthetic, train, prune, eval --flops of both."""
+    """The embedded demo end to end: prepare synthetic, pretrain, train, prune, eval --flops of both."""
     from .quickstart import quickstart
 
-    s = quickstart(work_dir, seed=seed, base_iters=base_iters, prune_iters=prune_iters, n_train=n_train,
-                   n_val=n_val, console=err)
+    s = quickstart(work_dir, seed=seed, base_iters=base_iters, prune_iters=prune_iters,
+                   pretrain_iters=pretrain_iters, n_train=n_train, n_val=n_val, console=err)
     if as_json:
         emit_json(s)
         return

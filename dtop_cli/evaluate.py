@@ -124,6 +124,7 @@ def evaluate(
     per_stage = {s: _Confusion(preset.data.num_classes) for s in stages}
     counts = np.zeros(S, dtype=np.float64)
     gflops_sum = 0.0
+    n_windows = 0
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=1, shuffle=False,
                                          num_workers=min(2, os.cpu_count() or 1), collate_fn=pseudo_collate)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -142,6 +143,7 @@ def evaluate(
                     counts += np.asarray(c, dtype=np.float64)
                 if windows_gflops is not None:
                     gflops_sum += float(windows_gflops(model, wins))
+                    n_windows += len(wins)
             for s in stages:
                 model.eval_stage = s
                 for out in model.test_step(batch):
@@ -161,7 +163,10 @@ def evaluate(
         "active_share": active_share,
     }
     if flops:
+        # per image under the test protocol (all its sliding windows), and per crop-size
+        # window: the latter is the paper's convention (one image at crop size)
         result["gflops"] = round(gflops_sum / n, 4)
+        result["gflops_per_window"] = round(gflops_sum / max(n_windows, 1), 4)
     if stage_miou:
         result["stage_miou"] = [per_stage[s].summary()["miou"] for s in stages] + [res["miou"]]
     if per_class:

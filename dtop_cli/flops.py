@@ -384,7 +384,7 @@ def val_image_paths(preset: Preset, data_root: str | Path) -> list[str]:
     from mmseg.registry import DATASETS
     from mmseg.utils import register_all_modules
 
-    from .engine import _dataset, dataset_root
+    from .engine import dataset_config, dataset_root
 
     img_dir = dataset_root(preset, data_root) / preset.data.val_split.img
     if not img_dir.is_dir():
@@ -393,7 +393,7 @@ def val_image_paths(preset: Preset, data_root: str | Path) -> list[str]:
     register_all_modules(init_default_scope=False)
     with DefaultScope.overwrite_default_scope("mmseg"):
         try:
-            ds = DATASETS.build(_dataset(preset, Path(data_root), "val", []))
+            ds = DATASETS.build(dataset_config(preset, Path(data_root), "val", []))
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"cannot read the validation split under {img_dir.parent}: {e}") from e
     return [ds.get_data_info(i)["img_path"] for i in range(len(ds))]

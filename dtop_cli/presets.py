@@ -135,6 +135,18 @@ class PaperCfg:
 
 
 @dataclass(frozen=True)
+class PretrainCfg:
+    """Backbone pretraining by per-token classification on the training split.
+
+    Only for presets without real pretrained weights (the CPU demo): it stands in for the
+    ImageNet pretraining every real preset's backbone has (see ``dtop_cli.pretrain``).
+    """
+
+    iters: int = field(metadata={"check": (lambda v: v >= 1, "an integer >= 1")})
+    lr: float = field(metadata={"check": (lambda v: v > 0, "a number > 0")})
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str
@@ -145,6 +157,7 @@ class Preset:
     optim: OptimCfg
     schedule: ScheduleCfg
     paper: Optional[PaperCfg]
+    pretrain: Optional[PretrainCfg] = None
     source: str = field(default="", metadata={"internal": True})
 
     @property

@@ -1,7 +1,8 @@
 """`dtop quickstart`: the whole DToP story on the embedded demo, in minutes on a CPU.
 
-prepare synthetic -> train the tiny base model (threshold 1.0) -> prune (fine-tune with exits
-on) -> evaluate both with FLOPs. The summary answers the questions the method raises: how
+prepare synthetic -> pretrain the tiny backbone (the demo's stand-in for the ImageNet weights
+every real preset starts from, see ``dtop_cli.pretrain``) -> train the base model from it
+(threshold 1.0) -> prune (fine-tune with exits on) -> evaluate both with FLOPs. The summary answers the questions the method raises: how
 good is each exit on its own (base ``stage_miou``), how much work did pruning save (GFLOPs,
 ``exit_share``) and what did it cost (mIoU). It is written to ``summary.json`` in the work dir.
 """
@@ -24,18 +25,20 @@ def quickstart(
     seed: int = 0,
     base_iters: Optional[int] = None,
     prune_iters: Optional[int] = None,
+    pretrain_iters: Optional[int] = None,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
     console: Any = None,
 ) -> dict[str, Any]:
     """Run the demo in ``work_dir`` (data, both runs, summary.json) and return the summary.
 
-    ``base_iters``/``prune_iters`` shorten the schedules, ``n_train``/``n_val`` the dataset
+    ``pretrain_iters``/``base_iters``/``prune_iters`` shorten the schedules, ``n_train``/``n_val`` the dataset
     (for a fast smoke run; the defaults are the real demo).
     """
     from .data.synthetic import make_synthetic
     from .engine import _atomic_write, check_work_dir, train
     from .evaluate import evaluate
+    from .pretrain import pretrain_backbone
 
     t0 = time.perf_counter()
     wd = check_work_dir(work_dir)
@@ -46,26 +49,36 @@ def quickstart(
         kw["n_train"] = n_train
     kw["n_val"] = n_val if n_val is not None else preset.data.val_images
     if console is not None:
-        console.print(f"[bold]1/4[/] synthetic dataset in {data_root}")
+        console.print(f"[bold]1/5[/] synthetic dataset in {data_root}")
     # A rerun with other sizes regenerates the demo's own data (never anything else).
     make_synthetic(data_root, overwrite=True, **kw)
 
+    pre: Optional[dict[str, Any]] = None
+    if preset.pretrain is not None:
+        if console is not None:
+            console.print("[bold]2/5[/] backbone pretraining (per-token classification, training split)")
+        iters = preset.pretrain.iters if pretrain_iters is None else pretrain_iters
+        pre = pretrain_backbone(preset, data_root, wd / "pretrain" / "backbone.pth", iters=iters,
+                                lr=preset.pretrain.lr, seed=seed, console=console)
     if console is not None:
-        console.print("[bold]2/4[/] base training (threshold 1.0: every token runs every layer)")
+        console.print("[bold]3/5[/] base training (threshold 1.0: every token runs every layer)")
     base = train(preset, "base", data_root=data_root, work_dir=wd / "base", max_iters=base_iters,
-                 seed=seed, validate=False, console=console)
+                 pretrained=None if pre is None else pre["path"], seed=seed, validate=False,
+                 console=console)
     if console is not None:
-        console.print(f"[bold]3/4[/] pruned fine-tuning (threshold {preset.exit.threshold:g})")
+        console.print(f"[bold]4/5[/] pruned fine-tuning (threshold {preset.exit.threshold:g})")
     pruned = train(preset, "prune", data_root=data_root, work_dir=wd / "prune", max_iters=prune_iters,
                    base_checkpoint=base["checkpoint"], seed=seed, validate=False, console=console)
     if console is not None:
-        console.print("[bold]4/4[/] evaluation of both models")
+        console.print("[bold]5/5[/] evaluation of both models")
     eb = evaluate(preset, base["checkpoint"], data_root=data_root, threshold=1.0, flops=True,
                   stage_miou=True, console=console)
     ep = evaluate(preset, pruned["checkpoint"], data_root=data_root, flops=True, stage_miou=False,
                   console=console)
     summary = {
         "preset": PRESET,
+        "pretrain": None if pre is None else {"iters": pre["iters"], "train_pixel_acc": pre["train_pixel_acc"],
+                                              "seconds": pre["seconds"], "path": pre["path"]},
         "base": {"miou": eb["miou"], "aacc": eb["aacc"], "gflops": eb.get("gflops"),
                  "stage_miou": eb["stage_miou"], "checkpoint": base["checkpoint"],
                  "train_seconds": base["seconds"], "iters": base["iters"]},

@@ -213,10 +213,12 @@ def test_quickstart_smoke(tmp_path: Path) -> None:
     if not _have_flops():
         pytest.fail("dtop_cli.flops.windows_gflops is needed by quickstart (eval --flops)")
     wd = tmp_path / "qs"
-    s = one_json(dtop("quickstart", "--work-dir", str(wd), "--base-iters", "2", "--prune-iters", "1",
-                      "--train-images", "8", "--val-images", "3", "--json", cwd=tmp_path))
+    s = one_json(dtop("quickstart", "--work-dir", str(wd), "--pretrain-iters", "2", "--base-iters", "2",
+                      "--prune-iters", "1", "--train-images", "8", "--val-images", "3", "--json",
+                      cwd=tmp_path))
     assert json.loads((wd / "summary.json").read_text()) == s
     assert set(s) >= {"base", "pruned", "seconds"}
     assert set(s["base"]) >= {"miou", "gflops", "stage_miou"} and len(s["base"]["stage_miou"]) == 3
     assert set(s["pruned"]) >= {"miou", "gflops", "exit_share"} and len(s["pruned"]["exit_share"]) == 3
     assert s["base"]["gflops"] > 0
+    assert s["pretrain"]["iters"] == 2 and Path(s["pretrain"]["path"]).is_file()

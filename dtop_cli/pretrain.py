@@ -1,0 +1,154 @@
+"""A short backbone pretraining for the embedded demo, standing in for ImageNet pretraining.
+
+Every real preset starts its backbone from ImageNet-pretrained ViT weights; SegViT's ATM heads
+(and so DToP) are built on that: their masks are similarities between class queries and token
+features, which only carry a useful training signal once the tokens already describe what
+they show. The demo's tiny ViT has no such weights, and trained from scratch with the ATM
+loss it barely learns in the demo's time budget. So the demo first gives its backbone the
+kind of start the real presets get: a few hundred iterations of per-token classification
+(a linear layer on every token, cross-entropy on the upsampled logits, with the base run's
+rescale-and-crop augmentation) on the synthetic
+*training* split, saved as an mmseg-format backbone state dict (``layers.0.ln1.weight``,
+``pos_embed``, ...) that the base run loads through ``--pretrained`` exactly like a real one.
+The linear classifier is thrown away; only the backbone is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import UserError
+from .presets import Preset
+
+
+def _load_split(root: Path, img_dir: str, ann_dir: str, reduce_zero_label: bool) -> tuple[Any, Any]:
+    """All images (N, H, W, 3 RGB uint8) and labels (N, H, W int64, 255 = ignore) of a split."""
+    import cv2
+    import numpy as np
+
+    imgs = sorted((root / img_dir).glob("*.jpg"))
+    if not imgs:
+        raise UserError(f"no training images in {root / img_dir}")
+    xs, ys = [], []
+    for f in imgs:
+        img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        ann = cv2.imread(str(root / ann_dir / (f.stem + ".png")), cv2.IMREAD_GRAYSCALE)
+        if img is None or ann is None or img.shape[:2] != ann.shape:
+            raise UserError(f"unreadable or mismatched image/annotation pair: {f.name}")
+        xs.append(img[:, :, ::-1])
+        lab = ann.astype(np.int64)
+        if reduce_zero_label:
+            lab = np.where(lab == 0, 255, lab - 1)
+        ys.append(lab)
+    return np.stack(xs), np.stack(ys)
+
+
+def _scale_crop(img: Any, lab: Any, scale: float, crop: tuple[int, int], rng: Any) -> tuple[Any, Any]:
+    """The base run's geometric augmentation (random rescale, random crop, padding with
+    ignored labels) on a batch, so the pretrained features already cover its scale range."""
+    import torch
+    import torch.nn.functional as F
+
+    H, W = lab.shape[-2:]
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)
+    lab = F.interpolate(lab[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+    ch, cw = crop
+    if h < ch or w < cw:
+        img = F.pad(img, (0, max(0, cw - w), 0, max(0, ch - h)))
+        lab = F.pad(lab, (0, max(0, cw - w), 0, max(0, ch - h)), value=255)
+        h, w = lab.shape[-2:]
+    y0 = int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))
+    return img[..., y0:y0 + ch, x0:x0 + cw], lab[..., y0:y0 + ch, x0:x0 + cw]
+
+
+def pretrain_backbone(
+    preset: Preset,
+    data_root: Union[str, Path],
+    out_path: Union[str, Path],
+    *,
+    iters: int,
+    lr: float = 1e-3,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Pretrain ``preset``'s backbone by per-token classification and save its weights.
+
+    Runs on the training split only (the validation set is never seen). Writes
+    ``out_path`` atomically (mmseg layout, no ``backbone.`` prefix) and returns a summary
+    with the final training pixel accuracy, which says whether the backbone learned.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from .engine import dataset_root
+    from .model.vit import DToPViT
+
+    if iters < 1:
+        raise UserError(f"pretraining needs at least one iteration (got {iters})")
+    t0 = time.perf_counter()
+    d, m = preset.data, preset.model
+    root = dataset_root(preset, data_root)
+    X, Y = _load_split(root, d.train_split.img, d.train_split.ann, d.reduce_zero_label)
+    mean = torch.tensor(d.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(d.std, dtype=torch.float32).view(1, 3, 1, 1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    backbone = DToPViT(img_size=tuple(d.crop), patch_size=m.patch_size, embed_dims=m.embed_dims,
+                       num_layers=m.num_layers, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                       drop_path_rate=m.drop_path_rate, stage_ends=list(m.stage_ends))
+    classifier = torch.nn.Linear(m.embed_dims, d.num_classes)
+    params = list(backbone.parameters()) + list(classifier.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warm = max(1, iters // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * (1.0 - min(i, iters - 1) / iters) ** 0.9)
+    bs = batch_size or d.batch_size
+    ch, cw = d.crop
+    n = len(Y)
+    backbone.train()
+    acc = 0.0
+    for it in range(iters):
+        idx = rng.integers(0, n, bs)
+        img = (torch.from_numpy(X[idx]).permute(0, 3, 1, 2).float() - mean) / std
+        lab = torch.from_numpy(Y[idx])
+        img, lab = _scale_crop(img, lab, float(rng.uniform(0.5, 2.0)), (ch, cw), rng)
+        if rng.random() < 0.5:
+            img, lab = img.flip(-1), lab.flip(-1)
+        tokens, (gh, gw) = backbone.embed(img)
+        tokens = backbone.forward_layers(tokens, 0, len(backbone.layers))
+        logits = classifier(tokens).transpose(1, 2).reshape(len(idx), -1, gh, gw)
+        logits = F.interpolate(logits, size=lab.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, lab, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            valid = lab != 255
+            a = float(((logits.argmax(1) == lab) & valid).sum()) / max(1, int(valid.sum()))
+        acc = a if it == 0 else 0.9 * acc + 0.1 * a
+        if console is not None and (it % 50 == 0 or it == iters - 1):
+            console.print(f"  pretrain {it + 1}/{iters}  loss {float(loss.detach()):.3f}  pixel acc {acc:.3f}")
+    state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        torch.save({"state_dict": state, "meta": {"dtop": {"pretrain": "per-token classification",
+                                                           "preset": preset.name, "iters": iters}}}, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "iters": iters, "train_pixel_acc": round(acc, 4),
+            "seconds": round(time.perf_counter() - t0, 1)}
