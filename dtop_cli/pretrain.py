@@ -6,8 +6,7 @@ features, which only carry a useful training signal once the tokens already desc
 they show. The demo's tiny ViT has no such weights, and trained from scratch with the ATM
 loss it barely learns in the demo's time budget. So the demo first gives its backbone the
 kind of start the real presets get: a few hundred iterations of per-token classification
-(a linear layer on every token, cross-entropy on the upsampled logits, with the base run's
-rescale-and-crop augmentation) on the synthetic
+(a linear layer on every token, cross-entropy on the upsampled logits) on the synthetic
 *training* split, saved as an mmseg-format backbone state dict (``layers.0.ln1.weight``,
 ``pos_embed``, ...) that the base run loads through ``--pretrained`` exactly like a real one.
 The linear classifier is thrown away; only the backbone is kept.
@@ -45,26 +44,6 @@ def _load_split(root: Path, img_dir: str, ann_dir: str, reduce_zero_label: bool)
             lab = np.where(lab == 0, 255, lab - 1)
         ys.append(lab)
     return np.stack(xs), np.stack(ys)
-
-
-def _scale_crop(img: Any, lab: Any, scale: float, crop: tuple[int, int], rng: Any) -> tuple[Any, Any]:
-    """The base run's geometric augmentation (random rescale, random crop, padding with
-    ignored labels) on a batch, so the pretrained features already cover its scale range."""
-    import torch
-    import torch.nn.functional as F
-
-    H, W = lab.shape[-2:]
-    h, w = max(1, round(H * scale)), max(1, round(W * scale))
-    img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)
-    lab = F.interpolate(lab[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
-    ch, cw = crop
-    if h < ch or w < cw:
-        img = F.pad(img, (0, max(0, cw - w), 0, max(0, ch - h)))
-        lab = F.pad(lab, (0, max(0, cw - w), 0, max(0, ch - h)), value=255)
-        h, w = lab.shape[-2:]
-    y0 = int(rng.integers(0, h - ch + 1))
-    x0 = int(rng.integers(0, w - cw + 1))
-    return img[..., y0:y0 + ch, x0:x0 + cw], lab[..., y0:y0 + ch, x0:x0 + cw]
 
 
 def pretrain_backbone(
@@ -113,14 +92,16 @@ def pretrain_backbone(
         opt, lambda i: min(1.0, (i + 1) / warm) * (1.0 - min(i, iters - 1) / iters) ** 0.9)
     bs = batch_size or d.batch_size
     ch, cw = d.crop
-    n = len(Y)
+    n, H, W = Y.shape
     backbone.train()
     acc = 0.0
     for it in range(iters):
         idx = rng.integers(0, n, bs)
-        img = (torch.from_numpy(X[idx]).permute(0, 3, 1, 2).float() - mean) / std
-        lab = torch.from_numpy(Y[idx])
-        img, lab = _scale_crop(img, lab, float(rng.uniform(0.5, 2.0)), (ch, cw), rng)
+        y0 = int(rng.integers(0, max(1, H - ch + 1)))
+        x0 = int(rng.integers(0, max(1, W - cw + 1)))
+        img = torch.from_numpy(np.ascontiguousarray(X[idx, y0:y0 + ch, x0:x0 + cw])).permute(0, 3, 1, 2)
+        img = (img.float() - mean) / std
+        lab = torch.from_numpy(np.ascontiguousarray(Y[idx, y0:y0 + ch, x0:x0 + cw]))
         if rng.random() < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
         tokens, (gh, gw) = backbone.embed(img)
