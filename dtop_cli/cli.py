@@ -8,6 +8,7 @@ stdout; everything else goes to stderr.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -32,9 +33,20 @@ SetOpt = typer.Option(None, "--set", help="Override a preset value: dotted.key=v
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 
 
+def _finite(obj):
+    """NaN/inf (e.g. the IoU of a class absent from a split) become null: standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def emit_json(obj: dict) -> None:
     """The only way a command writes its --json result: one object, one line, stdout."""
-    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.write(json.dumps(_finite(obj), allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
