@@ -67,7 +67,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
-        pass
+        """Keep the test output clean: no access log on stderr."""
 
 
 @pytest.fixture
