@@ -143,5 +143,5 @@ done_step "check imports + dtop console script"
 
 stamp_value > "$STAMP"
 log "$(printf '%-34s %6s s' "total" "$(elapsed "$T_ALL")")"
-log "ready: .venv/bin/dtop presets"
+log "ready: .venv/bin/dtop quickstart runs the demo; .venv/bin/dtop --help lists the commands"
 run_tests
