@@ -94,10 +94,10 @@ def pipelines(preset: Preset) -> tuple[list[dict], list[dict]]:
     train = [
         dict(type="LoadImageFromFile"),
         dict(type="LoadAnnotations"),  # reduce_zero_label comes from the dataset
-        dict(type="RandomResize", scale=tuple(d.train_scale), ratio_range=(0.5, 2.0), keep_ratio=True),
+        dict(type="RandomResize", scale=tuple(d.train_scale), ratio_range=tuple(d.resize_ratio), keep_ratio=True),
         dict(type="RandomCrop", crop_size=tuple(d.crop), cat_max_ratio=d.cat_max_ratio),
         dict(type="RandomFlip", prob=0.5),
-        dict(type="PhotoMetricDistortion"),
+        *([dict(type="PhotoMetricDistortion")] if d.photometric else []),
         dict(type="PackSegInputs"),
     ]
     test = [

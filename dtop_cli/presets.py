@@ -94,6 +94,8 @@ class DataCfg:
     test_mode: str = field(metadata={"check": (lambda v: v in ("slide", "whole"), "'slide' or 'whole'")})
     test_stride: list[int] = field(metadata=_len(2))
     cat_max_ratio: float
+    resize_ratio: list[float] = field(metadata=_len(2))
+    photometric: bool
     mean: list[float] = field(metadata=_len(3))
     std: list[float] = field(metadata=_len(3))
     batch_size: int

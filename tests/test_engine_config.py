@@ -97,10 +97,13 @@ def test_config_values_follow_the_preset(tiny, tmp_path: Path) -> None:
     assert ds.reduce_zero_label is True
     assert len(ds.metainfo["classes"]) == tiny.data.num_classes
     steps = [t["type"] for t in ds.pipeline]
-    assert steps == ["LoadImageFromFile", "LoadAnnotations", "RandomResize", "RandomCrop", "RandomFlip",
-                     "PhotoMetricDistortion", "PackSegInputs"]
+    expected = ["LoadImageFromFile", "LoadAnnotations", "RandomResize", "RandomCrop", "RandomFlip",
+                "PhotoMetricDistortion", "PackSegInputs"]
+    if not tiny.data.photometric:
+        expected.remove("PhotoMetricDistortion")
+    assert steps == expected
     rr = ds.pipeline[2]
-    assert rr["scale"] == tuple(tiny.data.train_scale) and rr["ratio_range"] == (0.5, 2.0)
+    assert rr["scale"] == tuple(tiny.data.train_scale) and rr["ratio_range"] == tuple(tiny.data.resize_ratio)
     assert ds.pipeline[3]["crop_size"] == tuple(tiny.data.crop)
     assert [t["type"] for t in cfg.val_dataloader.dataset.pipeline] == [
         "LoadImageFromFile", "Resize", "LoadAnnotations", "PackSegInputs"]
@@ -276,3 +279,13 @@ def test_latest_checkpoint_survives_a_broken_pointer(tmp_path: Path) -> None:
     assert engine.latest_checkpoint(tmp_path) == tmp_path / "iter_20.pth"
     (tmp_path / "last_checkpoint").write_text(str(tmp_path / "gone.pth"))
     assert engine.latest_checkpoint(tmp_path) == tmp_path / "iter_300.pth"
+
+
+def test_paper_presets_keep_the_papers_augmentation():
+    """Random rescale 0.5-2.0 and photometric distortion (method.md) for every paper preset."""
+    from dtop_cli.engine import pipelines
+
+    for name in ("segvit-base-ade", "segvit-large-ade", "segvit-large-pc", "segvit-large-cocostuff"):
+        train, _ = pipelines(load_preset(name))
+        assert train[2]["ratio_range"] == (0.5, 2.0), name
+        assert any(t["type"] == "PhotoMetricDistortion" for t in train), name
