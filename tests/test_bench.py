@@ -91,7 +91,7 @@ def test_run_bench_reports_times_ratios_and_memory():
     assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["batch"] == 2 and r["mode"] == "forced"
     assert len(r["dense_runs_ms"]) == len(r["pruned_runs_ms"]) == 2
     assert r["dense_ms"] > 0 and r["pruned_ms"] > 0
-    assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"])
+    assert r["speedup"] == pytest.approx(r["dense_ms"] / r["pruned_ms"]) and r["speedup_paired"] > 0
     assert r["active_counts"] == [256, 179, 90]
     assert r["exit_share"] == pytest.approx([77 / 256, 89 / 256, 90 / 256])
     assert r["flop_ratio"] == pytest.approx(r["dense_gflops"] / r["pruned_gflops"])
