@@ -3,7 +3,7 @@
 # in practice, on an H100/H200-class GPU? One short script, a few minutes once the
 # environment is installed.
 #
-#   bash scripts/gpu_bench.sh [OUT_DIR]      (default: $OUT if set, else ./gpu-bench-out)
+#   bash scripts/gpu_bench.sh [OUT_DIR]      (default: $OUT if set, else /tmp/dtop-gpu-bench)
 #
 # What it runs (`dtop bench`, random weights, forced exits so speed does not depend on
 # training): segvit-large-ade, 640x640, bf16, --exits 0.35,0.77 (35% of all tokens retired
@@ -32,7 +32,7 @@
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT_DIR=${1:-${OUT:-gpu-bench-out}}
+OUT_DIR=${1:-${OUT:-${TMPDIR:-/tmp}/dtop-gpu-bench}}
 mkdir -p "$OUT_DIR"
 if [ -n "${PYTHON_BIN:-}" ]; then PY=$PYTHON_BIN
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
