@@ -122,12 +122,6 @@ def exit_plan(leaving: Tensor, valid: Tensor | None = None, multiple: int = 1) -
     return ExitPlan(leaving, idx, None if lo == width else new_valid, counts)
 
 
-def drop_full_mask(valid: Tensor) -> Tensor | None:
-    """None when no slot is padding (one image, or equal counts): attention then needs no
-    mask and takes the fastest kernel."""
-    return None if bool(valid.all()) else valid
-
-
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """x (B, L, ...) -> x at idx (B, L'), along the token axis (dim 1)."""
     view = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
