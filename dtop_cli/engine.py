@@ -15,6 +15,7 @@ temporary name and renames it into place.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -630,13 +631,57 @@ class _Progress:
             self._progress = None
 
 
-def _quiet_console_logs(runner: Any) -> None:
-    """mmengine's console log becomes warnings-only; the full log stays in the work dir."""
+#: mmengine/mmseg messages that every run prints and that say nothing about the user's run;
+#: kept out of the console (not out of the log file) unless ``--verbose``.
+_KNOWN_NOISE = (
+    "The prefix is not set in metric class",
+    '"FileClient" will be deprecated',
+    '"HardDiskBackend" is the alias',
+)
+
+
+def _not_known_noise(record: Any) -> bool:
+    """Logging filter: False for the messages in ``_KNOWN_NOISE``."""
+    msg = record.getMessage()
+    return not any(n in msg for n in _KNOWN_NOISE)
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time of writing.
+
+    MMLogger instances outlive their runs (quickstart builds two runners in one process, the
+    tests many); a handler bound to one run's stderr object would write into a closed
+    capture buffer later on.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _quiet_console_logs() -> None:
+    """mmengine's console logs become warnings-only, on stderr; the full log stays in the work dir.
+
+    mmengine binds its console handlers to the ``sys.stdout`` of the moment a logger is made;
+    the Runner is built with stdout sent to a throw-away buffer (its environment dump, the
+    config and the hook table would otherwise fill the terminal), so the handlers are pointed
+    at stderr here. Every MMLogger instance is treated: mmengine's ``print_log`` writes to
+    the most recent one, which need not be the runner's.
+    """
     import logging
 
-    for h in runner.logger.handlers:
-        if type(h) is logging.StreamHandler:
-            h.setLevel(logging.WARNING)
+    from mmengine.logging import MMLogger
+
+    for logger in list(MMLogger._instance_dict.values()):
+        for h in logger.handlers:
+            if type(h) is logging.StreamHandler:
+                if not isinstance(h.stream, _CurrentStderr):
+                    h.setStream(_CurrentStderr())
+                h.setLevel(logging.WARNING)
+                if _not_known_noise not in h.filters:
+                    h.addFilter(_not_known_noise)
 
 
 def _init_cpu_dist(launcher: str, cuda: bool) -> None:
@@ -675,7 +720,9 @@ def train(
     checkpoints atomically; ``resume`` continues from the work dir's last complete one.
     """
     import contextlib
+    import io
     import sys
+    import warnings
     import time
 
     import torch
@@ -722,11 +769,15 @@ def train(
     from mmengine.runner import Runner
 
     progress = _Progress(console, f"{phase} {preset.name}")
-    # mmengine logs to stdout; stdout belongs to --json, so everything goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    # mmengine logs to stdout; stdout belongs to --json, so everything goes to stderr, and
+    # without --verbose only warnings do (the work dir's log file keeps everything).
+    with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()), warnings.catch_warnings():
+        if not verbose:  # mmseg's hook warns that it will not draw: we never ask it to
+            warnings.filterwarnings("ignore", message="The draw is False")
         runner = Runner.from_cfg(cfg)
-        if not verbose:
-            _quiet_console_logs(runner)
+    if not verbose:
+        _quiet_console_logs()
+    with contextlib.redirect_stdout(sys.stderr):
         if is_main_process():
             runner.register_hook(progress.hook)
         runner.train()

@@ -9,6 +9,7 @@ problem is reported as one line naming the file, the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,6 +189,10 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
 
 
+#: A plain decimal number, exponent allowed (not nan/inf).
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _convert(value: Any, tp: Any, key: str, meta: typing.Mapping, where: str) -> Any:
     def bad(expected: str | None = None) -> PresetError:
         exp = expected or _type_name(tp)
@@ -219,6 +224,9 @@ def _convert(value: Any, tp: Any, key: str, meta: typing.Mapping, where: str) ->
             raise bad()
         out = value
     elif tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads exponents without a dot, `5e-5`, as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
         out = float(value)

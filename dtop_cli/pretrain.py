@@ -5,11 +5,15 @@ Every real preset starts its backbone from ImageNet-pretrained ViT weights; SegV
 features, which only carry a useful training signal once the tokens already describe what
 they show. The demo's tiny ViT has no such weights, and trained from scratch with the ATM
 loss it barely learns in the demo's time budget. So the demo first gives its backbone the
-kind of start the real presets get: a few hundred iterations of per-token classification
-(a linear layer on every token, cross-entropy on the upsampled logits) on the synthetic
-*training* split, saved as an mmseg-format backbone state dict (``layers.0.ln1.weight``,
-``pos_embed``, ...) that the base run loads through ``--pretrained`` exactly like a real one.
-The linear classifier is thrown away; only the backbone is kept.
+kind of start the real presets get: about a thousand iterations of per-token classification
+on the synthetic *training* split, saved as an mmseg-format backbone state dict
+(``layers.0.ln1.weight``, ``pos_embed``, ...) that the base run loads through ``--pretrained``
+exactly like a real one.
+
+There is one linear classifier per stage end (cross-entropy on the upsampled logits of each,
+summed), the same deep supervision the staged model gets from its auxiliary heads: the early
+layers learn what a single patch shows, and the later ones what only context tells (the twin
+classes). The classifiers are thrown away; only the backbone is kept.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def pretrain_backbone(
 
     Runs on the training split only (the validation set is never seen). Writes
     ``out_path`` atomically (mmseg layout, no ``backbone.`` prefix) and returns a summary
-    with the final training pixel accuracy, which says whether the backbone learned.
+    with the final training pixel accuracy of the last stage's classifier, which says
+    whether the backbone learned.
     """
     import numpy as np
     import torch
@@ -84,8 +89,9 @@ def pretrain_backbone(
     backbone = DToPViT(img_size=tuple(d.crop), patch_size=m.patch_size, embed_dims=m.embed_dims,
                        num_layers=m.num_layers, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                        drop_path_rate=m.drop_path_rate, stage_ends=list(m.stage_ends))
-    classifier = torch.nn.Linear(m.embed_dims, d.num_classes)
-    params = list(backbone.parameters()) + list(classifier.parameters())
+    bounds = backbone.stage_bounds()
+    classifiers = torch.nn.ModuleList(torch.nn.Linear(m.embed_dims, d.num_classes) for _ in bounds)
+    params = list(backbone.parameters()) + list(classifiers.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warm = max(1, iters // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -105,10 +111,12 @@ def pretrain_backbone(
         if rng.random() < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
         tokens, (gh, gw) = backbone.embed(img)
-        tokens = backbone.forward_layers(tokens, 0, len(backbone.layers))
-        logits = classifier(tokens).transpose(1, 2).reshape(len(idx), -1, gh, gw)
-        logits = F.interpolate(logits, size=lab.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, lab, ignore_index=255)
+        loss = img.new_zeros(())
+        for (start, end), classifier in zip(bounds, classifiers):
+            tokens = backbone.forward_layers(tokens, start, end)
+            logits = classifier(tokens).transpose(1, 2).reshape(len(idx), -1, gh, gw)
+            logits = F.interpolate(logits, size=lab.shape[-2:], mode="bilinear", align_corners=False)
+            loss = loss + F.cross_entropy(logits, lab, ignore_index=255)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+from dtop_cli.presets import load_preset
+
 from dtop_cli import viz
 from dtop_cli.errors import UserError
 from dtop_cli.infer import find_images
@@ -41,8 +43,6 @@ class Trained:
 
 
 def _preset_file(path: Path) -> Path:
-    from dtop_cli.presets import load_preset
-
     size = f"[{SIZE},{SIZE}]"
     p = load_preset("tiny-synthetic", [f"data.{k}={size}" for k in ("crop", "test_scale", "train_scale",
                                                                      "test_stride")])
@@ -56,7 +56,6 @@ def _train(preset_path: Path, data: Path, ckpt: Path) -> None:
     from mmseg.structures import SegDataSample
 
     from dtop_cli.model.build import build_model
-    from dtop_cli.presets import load_preset
 
     p = load_preset(str(preset_path))
     torch.manual_seed(0)
@@ -214,7 +213,8 @@ def test_infer_json_globs_and_unreadable_inputs(trained, run_cli, tmp_path):
     obj = r.json()
     assert [Path(x["image"]).name for x in obj["images"]] == ["syn_val_00000001.jpg"]
     assert {Path(s["image"]).name for s in obj["skipped"]} == {"bad.png", "missing.jpg"}
-    assert obj["threshold"] == pytest.approx(0.9)  # recorded in the checkpoint's meta
+    # the preset's threshold, recorded in the checkpoint's meta
+    assert obj["threshold"] == pytest.approx(load_preset("tiny-synthetic").exit.threshold)
     # no image readable at all: exit 2, one line, and no output folder left behind
     r = run_cli(["infer", str(bad), "--preset", str(trained.preset), "--ckpt", str(trained.ckpt),
                  "--out", str(tmp_path / "o2")])
@@ -260,7 +260,6 @@ def test_sweep_csv_plot_and_trade_off(trained, run_cli, tmp_path, monkeypatch):
     # without flops.dataset_gflops the test-protocol windows are counted instead; on square
     # crop-size images (one whole window each) both ways must give the same numbers
     from dtop_cli import flops
-    from dtop_cli.presets import load_preset
     from dtop_cli.sweep import run_sweep
 
     monkeypatch.delattr(flops, "dataset_gflops")
@@ -321,8 +320,6 @@ def test_token_grid_maps_onto_non_square_photos():
 
 def test_label_png_round_trip_and_palettes(tmp_path):
     from PIL import Image
-
-    from dtop_cli.presets import load_preset
 
     names, palette = viz.dataset_meta(load_preset("tiny-synthetic"))
     assert len(names) == len(palette) == 8 and names[0] == "stripes"

@@ -227,6 +227,15 @@ def test_override_scalar_nested_and_lists():
     assert p.schedule.prune == base.schedule.prune
 
 
+def test_exponent_without_dot_is_a_number():
+    """PyYAML reads `5e-5` as a string; for a number field it is the number users meant."""
+    p = load_preset("tiny-synthetic", ["optim.lr=5e-5", "data.mean=[1e2, 1E+2, -.5]"])
+    assert p.optim.lr == 5e-5 and p.data.mean == [100.0, 100.0, -0.5]
+    for bad in ("optim.lr=5e-", "optim.lr=nan", "optim.lr=1e-3x"):
+        with pytest.raises(PresetError, match="optim.lr"):
+            load_preset("tiny-synthetic", [bad])
+
+
 def test_override_last_one_wins():
     p = load_preset("tiny-synthetic", ["exit.threshold=0.5", "exit.threshold=0.6"])
     assert p.exit.threshold == 0.6

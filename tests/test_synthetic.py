@@ -125,6 +125,40 @@ def test_twins_share_the_look_and_differ_by_marker() -> None:
         assert marker_hits[c] >= 0.9 * twins_total[c], (c, marker_hits, twins_total)
 
 
+@pytest.mark.parametrize("shape", [S._RING, S._SQUARE])
+def test_markers_are_sparse_and_tell_the_twins_apart(shape: int) -> None:
+    """Most patches of a twin region see no marker; light rings vs dark squares."""
+    size = 256
+    mask = np.zeros((size, size), bool)
+    mask[16:240, 16:240] = True  # 50176 px: the density rule asks for more than the cap
+    img = np.full((size, size, 3), 128.0, np.float32)
+    S._place_markers(np.random.default_rng(0), img, mask, shape)
+    changed = np.abs(img - 128.0).max(-1) > 1
+    assert not changed[~mask].any()  # markers stay inside their region
+    n, lab = cv2.connectedComponents(changed.astype(np.uint8))
+    assert n - 1 == S._MAX_MARKERS
+    centres = np.array([np.argwhere(lab == i).mean(0) for i in range(1, n)])
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + 1e9 * np.eye(n - 1)
+    assert gaps.min() >= S._MARKER_GAP
+    # share of the region's 16x16 patches that a marker touches: well under half
+    touched = changed.reshape(16, 16, 16, 16).any(axis=(1, 3))
+    inside = mask.reshape(16, 16, 16, 16).all(axis=(1, 3))
+    assert touched.sum() / inside.sum() < 0.4
+    light = (img.mean(-1) > 200) & changed
+    dark = (img.mean(-1) < 60) & changed
+    if shape == S._RING:
+        for y, x in centres.round().astype(int):  # hollow: the middle keeps the region's colour
+            assert abs(float(img[y, x].mean()) - 128.0) < 1
+        assert light.sum() > 0.5 * dark.sum()
+    else:
+        assert dark.sum() > 3 * light.sum()
+    small = np.zeros((size, size), bool)
+    small[100:140, 100:140] = True  # 1600 px: one marker
+    img2 = np.full((size, size, 3), 128.0, np.float32)
+    S._place_markers(np.random.default_rng(0), img2, small, shape)
+    assert cv2.connectedComponents((np.abs(img2 - 128.0).max(-1) > 1).astype(np.uint8))[0] - 1 == 1
+
+
 def test_full_default_set_is_quick_enough_to_generate(tmp_path: Path) -> None:
     """Default settings: size and counts the tiny-synthetic preset expects (crop 256, 64 val)."""
     info = S.make_synthetic(tmp_path, n_train=8, n_val=2)

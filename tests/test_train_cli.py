@@ -46,9 +46,26 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def base_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 2-iteration base run shared by the tests below."""
     wd = tmp_path_factory.mktemp("base")
-    res = one_json(dtop("train", "-p", PRESET, "--data-root", str(data_root), "--work-dir", str(wd),
-                        "--max-iters", "2", "--json", cwd=wd))
+    r = dtop("train", "-p", PRESET, "--data-root", str(data_root), "--work-dir", str(wd),
+             "--max-iters", "2", "--json", cwd=wd)
+    res = one_json(r)
+    res["_stderr"] = r.stderr
     return res
+
+
+@pytest.mark.slow
+def test_console_is_quiet_and_the_log_file_complete(base_run: dict, data_root: Path, tmp_path: Path) -> None:
+    """mmengine's environment dump, config and hook table go to the log file, not the terminal."""
+    err = base_run["_stderr"]
+    for chatter in ("System environment", "Hooks will be executed", "FileClient", "The draw is False"):
+        assert chatter not in err, chatter
+    (log,) = Path(base_run["work_dir"]).glob("*/*.log")
+    text = log.read_text()
+    assert "System environment" in text and "Iter(train) [2/2]" in text
+    r = dtop("train", "-p", PRESET, "--data-root", str(data_root), "--work-dir", str(tmp_path / "v"),
+             "--max-iters", "1", "--verbose", "--json", cwd=tmp_path)
+    assert one_json(r)["iters"] == 1
+    assert "System environment" in r.stderr and "Iter(train) [1/1]" in r.stderr
 
 
 def _weights(path: str) -> dict:

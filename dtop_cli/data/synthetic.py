@@ -6,9 +6,9 @@ head scores the same and pruning looks free. So the scenes mix two kinds of clas
 * four *looks* (textures) that a single 16x16 patch identifies: their tokens should leave
   at the first exit;
 * two further looks that each split into *twin* classes. Twins share the texture and are
-  told apart only by a small marker (a ring or a square) drawn once or twice somewhere in
-  their region. A token far from the marker can only be classified by reading context
-  elsewhere in its region, which is what the later stages of the backbone are for.
+  told apart only by small markers (light rings or dark squares), one per ~2000 pixels of
+  their region. Most tokens of the region see no marker: they can only be classified by
+  reading context elsewhere in their region, which is what the later stages are for.
 
 Colours are drawn at random per region (and jittered by noise, blur and a light gradient),
 so colour says nothing about the class: the texture does. Each look appears at most once
@@ -21,6 +21,9 @@ uint8 labels with 0 = unlabelled (here: the thin seams between regions) and 1..8
 classes, so ``reduce_zero_label`` turns them into 0..7 and the seams into 255 (ignored).
 Every image comes from its own random stream seeded by (seed, split, index): the dataset is
 identical on every machine and any image can be regenerated alone.
+
+The training split has 2000 images by default: with a few hundred, the tiny demo model
+memorises which training image holds which twin long before it learns to read the markers.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 from ..errors import UserError
 
 #: Bump when the drawing changes: a folder made by another version is not "the same data".
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST = "dtop-synthetic.json"
 FOLDER = "synthetic"
 
@@ -150,28 +153,49 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+#: Marker geometry and density. Sized so that most tokens of a twin region still see no
+#: marker (the class must be read from context) while the markers themselves are easy to
+#: recognise: one marker per ``_MARKER_AREA`` pixels of region, at most ``_MAX_MARKERS``.
+_MARKER_AREA = 2000
+_MAX_MARKERS = 8
+_RING_RADIUS, _RING_WIDTH = 8, 3
+_SQUARE_HALF = 6
+_MARKER_GAP = 28
+_LIGHT, _DARK = (245, 245, 245), (20, 20, 20)
+
+
 def _place_markers(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, shape: int) -> None:
-    """Draw 1-2 markers (ring or filled square) well inside ``mask``, in a contrasting colour."""
+    """Draw markers well inside ``mask``: light rings (dark rim) or dark squares (light rim).
+
+    The two twins differ in shape *and* polarity. Shape alone (a thin ring against a filled
+    square, in the region's contrast colour) made a cue that the demo's tiny ViT picked up
+    only after thousands of iterations, and then not reliably; a light against a dark blob
+    is found within a few hundred, and the far tokens of a region still need the context.
+    The rim keeps a marker visible on any region colour.
+    """
     area = int(mask.sum())
-    count = 1 + int(area > 14000)
+    count = int(np.clip(round(area / _MARKER_AREA), 1, _MAX_MARKERS))
     inside = mask.astype(np.uint8)
     inside[0, :] = inside[-1, :] = inside[:, 0] = inside[:, -1] = 0  # the image edge is a border too
     dist = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
-    mean = float(img[mask].mean()) if area else 128.0
-    colour = (20, 20, 20) if mean > 128 else (240, 240, 240)
+    margin = (_RING_RADIUS if shape == _RING else _SQUARE_HALF) + 4
     for _ in range(count):
-        ys, xs = np.nonzero(dist >= 9)
+        ys, xs = np.nonzero(dist >= margin)
         if len(ys) == 0:  # small region: the deepest point, even if the marker spills over
             y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
         else:
             k = int(rng.integers(len(ys)))
             y, x = int(ys[k]), int(xs[k])
+        c = (int(x), int(y))
         if shape == _RING:
-            cv2.circle(img, (int(x), int(y)), 5, colour, thickness=2, lineType=cv2.LINE_AA)
+            cv2.circle(img, c, _RING_RADIUS + 1, _DARK, thickness=_RING_WIDTH + 2, lineType=cv2.LINE_AA)
+            cv2.circle(img, c, _RING_RADIUS, _LIGHT, thickness=_RING_WIDTH, lineType=cv2.LINE_AA)
         else:
-            cv2.rectangle(img, (int(x) - 4, int(y) - 4), (int(x) + 4, int(y) + 4), colour, thickness=-1)
-        # Keep a second marker away from the first.
-        cv2.circle(dist, (int(x), int(y)), 40, 0.0, thickness=-1)
+            h = _SQUARE_HALF
+            cv2.rectangle(img, (c[0] - h - 1, c[1] - h - 1), (c[0] + h + 1, c[1] + h + 1), _LIGHT, thickness=-1)
+            cv2.rectangle(img, (c[0] - h, c[1] - h), (c[0] + h, c[1] + h), _DARK, thickness=-1)
+        # Keep the next marker away from this one.
+        cv2.circle(dist, c, _MARKER_GAP, 0.0, thickness=-1)
 
 
 def render_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +220,7 @@ def render_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray,
         ann[mask] = choices[which]
         if len(choices) > 1:
             marks.append((mask, which))
-    # Markers after all regions so the contrast colour reads the region's own pixels.
+    # Markers after all regions, so that no later region paints over one near a seam.
     for mask, which in marks:
         _place_markers(rng, img, mask, _RING if which == 0 else _SQUARE)
     # Nuisances: a light illumination gradient, blur, sensor noise.
@@ -250,7 +274,7 @@ def _summary(root: Path, settings: dict[str, Any], created: bool, seconds: float
             "size": settings["size"], "classes": list(CLASSES)}
 
 
-def make_synthetic(data_root: Path, seed: int = 0, n_train: int = 400, n_val: int = 64,
+def make_synthetic(data_root: Path, seed: int = 0, n_train: int = 2000, n_val: int = 64,
                    size: int = 256, overwrite: bool = False) -> dict[str, Any]:
     """Write ``data_root/synthetic`` (ADE20K layout) and return a summary dict.
 
