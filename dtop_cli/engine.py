@@ -646,6 +646,25 @@ def _not_known_noise(record: Any) -> bool:
     return not any(n in msg for n in _KNOWN_NOISE)
 
 
+class _LinesToLog:
+    """A text stream that hands each complete line to ``logger.info`` (the log file)."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if line.strip():
+                self._logger.info(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
 class _CurrentStderr:
     """A stream that writes to whatever ``sys.stderr`` is at the time of writing.
 
@@ -772,12 +791,17 @@ def train(
     # mmengine logs to stdout; stdout belongs to --json, so everything goes to stderr, and
     # without --verbose only warnings do (the work dir's log file keeps everything).
     with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()), warnings.catch_warnings():
-        if not verbose:  # mmseg's hook warns that it will not draw: we never ask it to
+        if not verbose:
+            # mmseg's hook warns that it will not draw (we never ask it to); a second runner in
+            # one process (quickstart) reuses mmengine's global visualizer and warns about that
             warnings.filterwarnings("ignore", message="The draw is False")
+            warnings.filterwarnings("ignore", message=".*instance named of visualizer has been created")
         runner = Runner.from_cfg(cfg)
     if not verbose:
         _quiet_console_logs()
-    with contextlib.redirect_stdout(sys.stderr):
+    # mmengine also print()s a few notes ("Loads checkpoint by local backend ..."): into the
+    # log file unless --verbose.
+    with contextlib.redirect_stdout(sys.stderr if verbose else _LinesToLog(runner.logger)):
         if is_main_process():
             runner.register_hook(progress.hook)
         runner.train()

@@ -102,10 +102,14 @@ def test_train_checkpoint_resume_eval_cycle(base_run: dict, data_root: Path, tmp
 @pytest.mark.slow
 def test_prune_changes_the_work_not_the_architecture(base_run: dict, data_root: Path, tmp_path: Path) -> None:
     # A very low threshold: even an untrained model retires most tokens after stage 1.
-    pr = one_json(dtop("prune", "-p", PRESET, "--from", base_run["checkpoint"], "--thresh", "0.05",
-                       "--data-root", str(data_root), "--work-dir", str(tmp_path / "prune"),
-                       "--max-iters", "1",
-                       "--json", cwd=tmp_path))
+    r = dtop("prune", "-p", PRESET, "--from", base_run["checkpoint"], "--thresh", "0.05",
+             "--data-root", str(data_root), "--work-dir", str(tmp_path / "prune"), "--max-iters", "1",
+             "--json", cwd=tmp_path)
+    pr = one_json(r)
+    # mmengine print()s where it loads the weights from: the log file has it, the console not
+    assert "Loads checkpoint" not in r.stderr
+    (log,) = (tmp_path / "prune").glob("*/*.log")
+    assert "Loads checkpoint" in log.read_text()
     assert pr["threshold"] == 0.05 and pr["phase"] == "prune"
     assert _weights(pr["checkpoint"]) == _weights(base_run["checkpoint"])  # same architecture
     assert load_checkpoint(pr["checkpoint"])["meta"]["dtop"]["threshold"] == 0.05
