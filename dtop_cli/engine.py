@@ -740,9 +740,8 @@ def train(
     """
     import contextlib
     import io
-    import sys
-    import warnings
     import time
+    import warnings
 
     import torch
 
@@ -826,8 +825,6 @@ def torchrun_command(child_args: list[str], *, gpus: int, nnodes: int = 1, node_
                      master_addr: Optional[str] = None, master_port: Optional[int] = None) -> list[str]:
     """The command that starts ``gpus`` processes per node running ``dtop <child_args>`` through
     torch's own launcher (torch.distributed.run, i.e. torchrun)."""
-    import sys
-
     if gpus < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise UserError(f"bad process layout: --gpus {gpus} --nnodes {nnodes} --node-rank {node_rank}")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", f"--nnodes={nnodes}",

@@ -73,6 +73,7 @@ def pretrain_backbone(
     import torch.nn.functional as F
 
     from .engine import dataset_root
+    from .model.build import model_config
     from .model.vit import DToPViT
 
     if iters < 1:
@@ -86,9 +87,9 @@ def pretrain_backbone(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
-    backbone = DToPViT(img_size=tuple(d.crop), patch_size=m.patch_size, embed_dims=m.embed_dims,
-                       num_layers=m.num_layers, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                       drop_path_rate=m.drop_path_rate, stage_ends=list(m.stage_ends))
+    # the very backbone the segmentor builds (one source for its arguments)
+    backbone_cfg = {k: v for k, v in model_config(preset)["backbone"].items() if k != "type"}
+    backbone = DToPViT(**backbone_cfg)
     bounds = backbone.stage_bounds()
     classifiers = torch.nn.ModuleList(torch.nn.Linear(m.embed_dims, d.num_classes) for _ in bounds)
     params = list(backbone.parameters()) + list(classifiers.parameters())
