@@ -71,6 +71,10 @@ class LossCfg:
     dice_weight: float
     focal_alpha: float
     focal_gamma: float
+    #: How ignored pixels (label 255) enter the focal and dice terms: "negative" (a negative
+    #: of every present class, as the public DToP/SegViT code trains) or "excluded".
+    ignored_pixels: str = field(default="negative", metadata={
+        "check": (lambda v: v in ("negative", "excluded"), "'negative' or 'excluded'")})
 
 
 @dataclass(frozen=True)

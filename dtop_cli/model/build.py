@@ -28,6 +28,7 @@ def head_config(preset: Preset) -> dict:
             focal_alpha=lo.focal_alpha,
             focal_gamma=lo.focal_gamma,
             ignore_index=255,
+            ignored_pixels=lo.ignored_pixels,
         ),
     )
 

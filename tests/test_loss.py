@@ -1,0 +1,160 @@
+"""The ATM loss against a plain re-statement of the public code's semantics.
+
+The reference below is written per image and per present class with ordinary loops, the way
+one reads the public SegViT/DToP loss: targets ``label == class`` over the whole map, focal
+averaged over all pixels, dice summed over all pixels, each mask term divided by the number
+of present (image, class) pairs (all-reduced over processes / world size, at least 1). The
+``excluded`` setting restricts both terms to labelled pixels instead.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dtop_cli.model.loss import ATMLoss
+
+IGNORE = 255
+
+
+def _reference(presence, masks, labels, *, ignored: str, num_masks: float | None = None,
+               alpha=0.25, gamma=2.0, absent_weight=0.1, focal_w=20.0, dice_w=1.0) -> dict[str, float]:
+    B, K = presence.shape[:2]
+    H, W = labels.shape[-2:]
+    # presence: weighted mean cross-entropy over every (image, class) query
+    num = den = 0.0
+    pairs = []
+    for b in range(B):
+        labelled = set(int(v) for v in labels[b].unique() if int(v) != IGNORE)
+        for k in range(K):
+            target = 0 if k in labelled else 1
+            w = 1.0 if target == 0 else absent_weight
+            logp = torch.log_softmax(presence[b, k].double(), -1)[target].item()
+            num += -w * logp
+            den += w
+            if k in labelled:
+                pairs.append((b, k))
+    loss_cls = num / den
+    n = num_masks if num_masks is not None else max(len(pairs), 1)
+    focal_sum = dice_sum = 0.0
+    for b, k in pairs:
+        logit = F.interpolate(masks[b, k][None, None].double(), size=(H, W), mode="bilinear",
+                              align_corners=False)[0, 0]
+        focal_px, p_sum, t_sum, pt_sum, count = 0.0, 0.0, 0.0, 0.0, 0
+        for i in range(H):
+            for j in range(W):
+                lab = int(labels[b, i, j])
+                if ignored == "excluded" and lab == IGNORE:
+                    continue
+                t = 1.0 if lab == k else 0.0
+                z = float(logit[i, j])
+                p = 1.0 / (1.0 + math.exp(-z))
+                ce = max(z, 0.0) - z * t + math.log1p(math.exp(-abs(z)))
+                p_t = p * t + (1 - p) * (1 - t)
+                a_t = alpha * t + (1 - alpha) * (1 - t)
+                focal_px += a_t * ce * (1 - p_t) ** gamma
+                p_sum += p
+                t_sum += t
+                pt_sum += p * t
+                count += 1
+        focal_sum += focal_px / max(count, 1)
+        dice_sum += 1 - (2 * pt_sum + 1) / (p_sum + t_sum + 1)
+    return {"loss_cls": loss_cls, "loss_mask": focal_w * focal_sum / n, "loss_dice": dice_w * dice_sum / n}
+
+
+def _random_case(seed: int, B=3, K=12, h=4, w=5, H=16, W=20, ignored_share=1 / 6):
+    g = torch.Generator().manual_seed(seed)
+    presence = torch.randn(B, K, 2, generator=g)
+    masks = 2 * torch.randn(B, K, h, w, generator=g)
+    labels = torch.randint(0, K, (B, H, W), generator=g)
+    # only a few classes per image, so "absent" queries exist
+    for b in range(B):
+        keep = torch.randperm(K, generator=g)[: 3 + b]
+        labels[b] = keep[torch.randint(0, len(keep), (H, W), generator=g)]
+    labels[torch.rand(B, H, W, generator=g) < ignored_share] = IGNORE
+    return presence, masks, labels
+
+
+@pytest.mark.parametrize("ignored", ["negative", "excluded"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_loss_equals_the_plain_reference(ignored: str, seed: int) -> None:
+    presence, masks, labels = _random_case(seed)
+    assert (labels == IGNORE).float().mean() > 0.1
+    got = ATMLoss(num_classes=12, ignored_pixels=ignored)(presence, masks, labels)
+    want = _reference(presence, masks, labels, ignored=ignored)
+    for k, v in want.items():
+        assert abs(float(got[k]) - v) < 1e-5, (k, float(got[k]), v)
+
+
+def test_the_two_settings_differ_only_where_pixels_are_ignored() -> None:
+    presence, masks, labels = _random_case(3)
+    neg = ATMLoss(num_classes=12, ignored_pixels="negative")(presence, masks, labels)
+    exc = ATMLoss(num_classes=12, ignored_pixels="excluded")(presence, masks, labels)
+    assert abs(float(neg["loss_mask"]) - float(exc["loss_mask"])) > 1e-3
+    assert abs(float(neg["loss_dice"]) - float(exc["loss_dice"])) > 1e-3
+    assert float(neg["loss_cls"]) == float(exc["loss_cls"])
+    labels = labels.clone()
+    labels[labels == IGNORE] = 0
+    neg = ATMLoss(num_classes=12, ignored_pixels="negative")(presence, masks, labels)
+    exc = ATMLoss(num_classes=12, ignored_pixels="excluded")(presence, masks, labels)
+    for k in neg:
+        assert abs(float(neg[k]) - float(exc[k])) < 1e-6
+
+
+def test_gradients_reach_the_mask_logits_of_ignored_pixels_only_when_negative() -> None:
+    presence, masks, labels = _random_case(4, B=1, K=3, h=2, w=2, H=2, W=2, ignored_share=0.0)
+    labels[0, 0, 0] = IGNORE
+    labels[0, 1, 1] = IGNORE
+    for ignored, expect in (("negative", True), ("excluded", False)):
+        m = masks.clone().requires_grad_(True)
+        out = ATMLoss(num_classes=3, ignored_pixels=ignored)(presence, m, labels)
+        (out["loss_mask"] + out["loss_dice"]).backward()
+        # the 2x2 masks map 1:1 onto the 2x2 label map: pixel (0, 0) is ignored
+        touched = bool(m.grad[0, :, 0, 0].abs().sum() > 0)
+        assert touched is expect, ignored
+
+
+def test_unknown_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="ignored_pixels"):
+        ATMLoss(num_classes=3, ignored_pixels="sometimes")
+
+
+def _rank_main(rank: int, world: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        # rank 0 sees one image with 2 classes, rank 1 three images with more classes
+        presence, masks, labels = _random_case(10 + rank, B=1 + 2 * rank)
+        if rank == 0:  # keep two of its classes
+            keep = labels[labels != IGNORE].unique()[:2]
+            labels[~torch.isin(labels, keep)] = IGNORE
+        got = ATMLoss(num_classes=12)(presence, masks, labels)
+        local = sum(len(set(labels[b].unique().tolist()) - {IGNORE}) for b in range(labels.shape[0]))
+        torch.save({"got": {k: float(v) for k, v in got.items()}, "local": local,
+                    "case": (presence, masks, labels)}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mask_count_is_all_reduced_over_processes(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    counts = [r["local"] for r in res]
+    assert counts[0] != counts[1]  # the ranks saw different numbers of classes
+    n = max(sum(counts) / world, 1.0)
+    for r in res:
+        presence, masks, labels = r["case"]
+        want = _reference(presence, masks, labels, ignored="negative", num_masks=n)
+        local = _reference(presence, masks, labels, ignored="negative")
+        for k, v in want.items():
+            assert abs(r["got"][k] - v) < 1e-5, (k, r["got"][k], v)
+        # and it is not the local normalisation
+        assert abs(r["got"]["loss_mask"] - local["loss_mask"]) > 1e-4
