@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dtop_cli import bench as BN  # noqa: E402
 from dtop_cli import presets as P  # noqa: E402
+from dtop_cli.commands import bench as BN  # noqa: E402
 from dtop_cli.model.build import build_model  # noqa: E402
 
 THREADS = 2  # the CPU measurements; keep it the same for every case

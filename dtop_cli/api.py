@@ -14,21 +14,36 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .cost import GIGA, protocol_gflops
 from .errors import UserError
-from .presets import Preset, load_preset
+from .measure import paper_cost, test_image
+from .presets import Preset, check_threshold, load_preset
 
 
 @dataclass
 class Prediction:
     """labels: (H, W) class ids 0..C-1 at the image's size. exit_stage: token grid of the
     model input (after the test resize), 1..S = stage whose head finalised each token.
-    gflops: FLOPs spent on this image (None where the counter is unavailable).
-    exit_share: share of tokens finalised by each stage."""
+    gflops: FLOPs of this image in the paper's convention (its central crop-size window,
+    only active tokens; None with ``cost=False``). gflops_protocol: FLOPs the test protocol
+    spent on it (every sliding window). exit_share: share of tokens finalised by each stage."""
 
     labels: np.ndarray
     exit_stage: np.ndarray
     gflops: Optional[float] = None
     exit_share: list = field(default_factory=list)
+    gflops_protocol: Optional[float] = None
+
+
+def resolve_device(device: Optional[str] = None) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; default: cuda when a GPU is visible."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device must be cpu or cuda (got {device})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible here")
+    return device
 
 
 def _as_preset(preset: Union[str, Path, Preset]) -> Preset:
@@ -46,8 +61,8 @@ def load_model(preset: Union[str, Path, Preset], checkpoint: Optional[Union[str,
     from .model.checkpoint import load_weights
 
     p = _as_preset(preset)
-    if threshold is not None and not 0 < threshold <= 1:
-        raise UserError(f"threshold must be in (0, 1], got {threshold}")
+    if threshold is not None:
+        threshold = check_threshold(threshold)
     model = build_model(p, threshold=threshold)
     if checkpoint is not None:
         meta = load_weights(model, checkpoint)
@@ -72,8 +87,12 @@ def _test_pipeline(p: Preset):
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, image: np.ndarray) -> Prediction:
-    """Segment one HxWx3 uint8 BGR image with the preset's test protocol."""
+def predict(model: torch.nn.Module, image: np.ndarray, *, cost: bool = True) -> Prediction:
+    """Segment one HxWx3 uint8 BGR image with the preset's test protocol.
+
+    cost: also count the image's FLOPs in the paper's convention (``gflops``); on
+    slide-mode presets that takes one more crop-size forward unless the image is one crop.
+    """
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise UserError("image must be an HxWx3 uint8 BGR array (as cv2.imread returns)")
     from mmengine.dataset import pseudo_collate
@@ -90,11 +109,10 @@ def predict(model: torch.nn.Module, image: np.ndarray) -> Prediction:
     grid = stage_pix.cpu()[rows][:, cols].numpy()  # token centres
     S = model.num_stages
     share = [float((grid == s).mean()) for s in range(1, S + 1)]
+    windows = result.metainfo["dtop_windows"]
     gflops = None
-    try:
-        from .flops import windows_gflops
-    except ImportError:
-        windows_gflops = None
-    if windows_gflops is not None:
-        gflops = windows_gflops(model, result.metainfo["dtop_windows"])
-    return Prediction(labels=labels, exit_stage=grid, gflops=gflops, exit_share=share)
+    if cost:
+        flops, _ = paper_cost(model, test_image(data["inputs"][0]), windows)
+        gflops = flops.total / GIGA
+    return Prediction(labels=labels, exit_stage=grid, gflops=gflops, exit_share=share,
+                      gflops_protocol=protocol_gflops(model, windows))

@@ -1,5 +1,6 @@
-"""The `dtop` command line: one thin function per command, the work lives in the modules.
+"""The `dtop` command line: parse -> call -> render, one thin function per command.
 
+The work lives in ``commands/``, ``runtime/`` and ``data/``; the tables in ``render.py``.
 Exit codes (a contract, see the README): 0 success, 2 bad input (one line on stderr, no
 traceback unless --debug), 1 any other failure. `--json` prints exactly one JSON object on
 stdout; everything else goes to stderr.
@@ -15,8 +16,9 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from . import render
+from .console import Progress
 from .errors import UserError
 
 app = typer.Typer(
@@ -62,18 +64,8 @@ def presets_cmd(as_json: bool = JsonOpt) -> None:
     if as_json:
         emit_json({"presets": [P.summary(p) for p in items]})
         return
-    t = Table(title="dtop presets")
-    for col in ("name", "backbone", "dataset", "crop", "stage ends", "thresh", "top-k",
-                "base mIoU", "base GFLOPs", "pruned mIoU", "pruned GFLOPs"):
-        t.add_column(col, justify="right" if col[0].isdigit() or "mIoU" in col or "GFLOPs" in col else "left")
-    for p in items:
-        pp = p.paper
-        nums = [f"{pp.base_miou:.1f}", f"{pp.base_gflops:.1f}", f"{pp.pruned_miou:.1f}", f"{pp.pruned_gflops:.1f}"] if pp else ["-"] * 4
-        t.add_row(p.name, p.model.backbone, p.data.dataset, "x".join(map(str, p.data.crop)),
-                  ",".join(map(str, p.model.stage_ends)), f"{p.exit.threshold:g}", str(p.exit.keep_topk), *nums)
-    t.columns[0].min_width = max(len(p.name) for p in items)  # a preset name is never cut short
     # Piped output (CI logs, files) gets the whole table rather than rich's 80-column default.
-    (out if out.is_terminal else Console(width=max(out.width, 160))).print(t)
+    (out if out.is_terminal else Console(width=max(out.width, 160))).print(render.presets_table(items))
 
 
 @app.command("env")
@@ -85,10 +77,7 @@ def env_cmd(as_json: bool = JsonOpt) -> None:
     if as_json:
         emit_json(info)
         return
-    t = Table(title="dtop env", show_header=False)
-    for k, v in info.items():
-        t.add_row(k, v if isinstance(v, str) else json.dumps(v))
-    out.print(t)
+    out.print(render.key_value_table("dtop env", info))
 
 
 # --------------------------------------------------------------------------- prepare
@@ -135,7 +124,7 @@ def prepare_cmd(
         if as_json:
             emit_json(rep)
         else:
-            _print_splits(f"verify {dataset}: {rep['root']}", rep["splits"])
+            out.print(render.splits_table(f"verify {dataset}: {rep['root']}", rep["splits"]))
             for w in rep["warnings"]:
                 out.print(f"[yellow]warning:[/] {w}", highlight=False)
             for p in rep["problems"][:20]:
@@ -155,25 +144,12 @@ def prepare_cmd(
         return
     splits = res.get("splits")
     if isinstance(splits, dict) and all(isinstance(v, dict) for v in splits.values()):
-        _print_splits(f"{dataset}: {res.get('root', '')} ({res.get('status', 'prepared')}, "
-                      f"{res.get('classes_seen', '?')} classes seen)", splits)
+        out.print(render.splits_table(f"{dataset}: {res.get('root', '')} ({res.get('status', 'prepared')}, "
+                                      f"{res.get('classes_seen', '?')} classes seen)", splits))
         for w in res.get("warnings", []):
             out.print(f"[yellow]warning:[/] {w}", highlight=False)
     else:  # the synthetic demo reports its own keys
-        t = Table(title=f"dtop prepare {dataset}", show_header=False)
-        for k, v in res.items():
-            t.add_row(str(k), v if isinstance(v, str) else json.dumps(v))
-        out.print(t)
-
-
-def _print_splits(title: str, splits: dict) -> None:
-    """Pairs per split next to the official count: the first thing to look at after a prepare."""
-    t = Table(title=title)
-    for col in ("split", "pairs", "official", "classes seen"):
-        t.add_column(col, justify="left" if col == "split" else "right")
-    for k, v in splits.items():
-        t.add_row(k, str(v.get("pairs")), str(v.get("official") or "-"), str(v.get("classes_seen", "-")))
-    out.print(t)
+        out.print(render.key_value_table(f"dtop prepare {dataset}", res))
 
 
 # --------------------------------------------------------------------------- train / prune / eval / config
@@ -196,61 +172,53 @@ PretrainedOpt = typer.Option(None, "--pretrained",
                              help="Local pretrained ViT weights instead of the preset's URL.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed.")
 VerboseOpt = typer.Option(False, "--verbose", help="Show mmengine's full log on stderr.")
+DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
 
 
-def _is_rank0() -> bool:
-    import os
+def _child_args(command: str, preset: str, overrides: Optional[List[str]], opts, as_json: bool) -> list[str]:
+    """The same command for each torchrun worker, with the options it was given."""
+    child = [command, "--preset", preset, "--data-root", str(opts.data_root), "--work-dir", str(opts.work_dir),
+             "--seed", str(opts.seed)]
+    for o in overrides or []:
+        child += ["--set", o]
+    for flag, on in (("--amp", opts.amp), ("--resume", opts.resume), ("--verbose", opts.verbose),
+                     ("--json", as_json)):
+        if on:
+            child.append(flag)
+    for flag, val in (("--max-iters", opts.max_iters), ("--pretrained", opts.pretrained),
+                      ("--from", opts.base_checkpoint), ("--thresh", opts.threshold), ("--topk", opts.topk)):
+        if val is not None:
+            child += [flag, str(val)]
+    return child
 
-    return int(os.environ.get("RANK", "0")) == 0
 
-
-def _run_phase(phase: str, preset: str, overrides: Optional[List[str]], data_root: Path,
-               work_dir: Optional[Path], gpus: int, nnodes: int, node_rank: int, master_addr: Optional[str],
-               master_port: Optional[int], launcher: str, amp: bool, resume: bool, max_iters: Optional[int],
-               pretrained: Optional[Path], seed: int, verbose: bool, as_json: bool,
-               base_ckpt: Optional[Path] = None, thresh: Optional[float] = None,
-               topk: Optional[int] = None) -> None:
+def _run_phase(command: str, preset: str, overrides: Optional[List[str]], opts, layout: dict,
+               as_json: bool) -> None:
     """Shared body of `train` and `prune`: one process here, or N through torchrun."""
-    from . import engine
+    from .data.mmseg import check_dataset
+    from .fsutil import check_work_dir
     from .presets import load_preset
+    from .runtime.launch import is_rank0, launch
+    from .runtime.train import train
 
     p = load_preset(preset, overrides)
-    wd = work_dir if work_dir is not None else Path("work_dirs") / p.name / phase
-    if gpus > 1 or nnodes > 1:
-        if launcher != "none":
+    opts = opts.replace(work_dir=opts.resolved_work_dir(p)).checked()
+    if layout["gpus"] > 1 or layout["nnodes"] > 1:
+        if opts.launcher != "none":
             raise UserError("--gpus/--nnodes start their own processes; do not combine them with --launcher")
-        engine.check_dataset(p, data_root)
-        engine.check_work_dir(wd)
-        child = ["train" if phase == "base" else "prune", "--preset", preset, "--data-root", str(data_root),
-                 "--work-dir", str(wd), "--seed", str(seed)]
-        for o in overrides or []:
-            child += ["--set", o]
-        for flag, on in (("--amp", amp), ("--resume", resume), ("--verbose", verbose), ("--json", as_json)):
-            if on:
-                child.append(flag)
-        for flag, val in (("--max-iters", max_iters), ("--pretrained", pretrained), ("--from", base_ckpt),
-                          ("--thresh", thresh), ("--topk", topk)):
-            if val is not None:
-                child += [flag, str(val)]
-        rc = engine.launch(child, gpus=gpus, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                           master_port=master_port)
+        check_dataset(p, opts.data_root)
+        check_work_dir(opts.work_dir)
+        rc = launch(_child_args(command, preset, overrides, opts, as_json), **layout)
         if rc != 0:
             err.print(f"[bold red]error:[/] distributed run failed (exit code {rc})")
         raise typer.Exit(0 if rc == 0 else 1)
-    res = engine.train(p, phase, data_root=data_root, work_dir=wd, base_checkpoint=base_ckpt,
-                       max_iters=max_iters, threshold=thresh, topk=topk, amp=amp, resume=resume,
-                       launcher=launcher, pretrained=pretrained, seed=seed, verbose=verbose, console=err)
-    if not _is_rank0():
+    res = train(p, opts, console=err)
+    if not is_rank0():
         return
     if as_json:
         emit_json(res)
         return
-    t = Table(title=f"dtop {'train' if phase == 'base' else 'prune'} {p.name}", show_header=False)
-    for k in ("work_dir", "checkpoint", "iters", "threshold", "seconds"):
-        t.add_row(k, str(res[k]))
-    for k, v in res["metrics"].items():
-        t.add_row(f"val {k}", f"{v:.2f}")
-    out.print(t)
+    out.print(render.train_table(command, p.name, res))
 
 
 @app.command("train")
@@ -274,8 +242,12 @@ def train_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Base training (threshold 1.0: nothing exits, every head is supervised)."""
-    _run_phase("base", preset, overrides, data_root, work_dir, gpus, nnodes, node_rank, master_addr,
-               master_port, launcher, amp, resume, max_iters, pretrained, seed, verbose, as_json)
+    from .runtime.config import RunOptions
+
+    opts = RunOptions("base", data_root=data_root, work_dir=work_dir, max_iters=max_iters, amp=amp,
+                      resume=resume, launcher=launcher, pretrained=pretrained, seed=seed, verbose=verbose)
+    _run_phase("train", preset, overrides, opts, dict(gpus=gpus, nnodes=nnodes, node_rank=node_rank,
+                                                      master_addr=master_addr, master_port=master_port), as_json)
 
 
 @app.command("prune")
@@ -302,9 +274,13 @@ def prune_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Pruned fine-tuning: load a base checkpoint (strictly), switch exits on, train the prune schedule."""
-    _run_phase("prune", preset, overrides, data_root, work_dir, gpus, nnodes, node_rank, master_addr,
-               master_port, launcher, amp, resume, max_iters, None, seed, verbose, as_json,
-               base_ckpt=from_ckpt, thresh=thresh, topk=topk)
+    from .runtime.config import RunOptions
+
+    opts = RunOptions("prune", data_root=data_root, work_dir=work_dir, base_checkpoint=from_ckpt,
+                      max_iters=max_iters, threshold=thresh, topk=topk, amp=amp, resume=resume,
+                      launcher=launcher, seed=seed, verbose=verbose)
+    _run_phase("prune", preset, overrides, opts, dict(gpus=gpus, nnodes=nnodes, node_rank=node_rank,
+                                                      master_addr=master_addr, master_port=master_port), as_json)
 
 
 @app.command("eval")
@@ -314,47 +290,30 @@ def eval_cmd(
     thresh: Optional[float] = typer.Option(
         None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
     flops: bool = typer.Option(
-        False, "--flops", help="Also average GFLOPs and the share of tokens each stage finalised."),
+        False, "--flops", help="Also GFLOPs per image (paper convention: one crop-size window; and the test "
+        "protocol's total) and the share of tokens each stage finalised."),
     per_class: bool = typer.Option(False, "--per-class", help="IoU of every class."),
     stages: bool = typer.Option(False, "--stages", help="Also score each head on its own (per-stage mIoU)."),
     images: Optional[int] = typer.Option(None, "--images",
                                          help="Evaluate the first N validation images only."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    device: Optional[str] = DeviceOpt,
     data_root: Path = DataRootOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """mIoU / aAcc on the validation split by the preset's test protocol."""
-    from .evaluate import evaluate
+    from .commands.evaluate import evaluate
     from .presets import load_preset
 
     p = load_preset(preset, overrides)
-    res = evaluate(p, ckpt, data_root=data_root, threshold=thresh, flops=flops, per_class=per_class,
-                   stage_miou=stages, images=images, device=device, console=err)
+    with Progress(f"eval {ckpt.name}", console=err, transient=True) as bar:
+        res = evaluate(p, ckpt, data_root=data_root, threshold=thresh, flops=flops, per_class=per_class,
+                       stage_miou=stages, images=images, device=device, progress=bar)
     if as_json:
-        if not flops:
-            res.pop("exit_share", None)
-            res.pop("active_share", None)
         emit_json(res)
         return
-    t = Table(title=f"dtop eval {p.name}: {ckpt.name} @ thresh {res['threshold']:g} ({res['images']} images)")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_row("mIoU", f"{res['miou']:.2f}")
-    t.add_row("aAcc", f"{res['aacc']:.2f}")
-    if "stage_miou" in res:
-        t.add_row("mIoU per stage", " / ".join(f"{v:.2f}" for v in res["stage_miou"]))
-    if flops:
-        t.add_row("GFLOPs / image", f"{res['gflops']:.3f}")
-        t.add_row("exit share per stage", " / ".join(f"{v:.1%}" for v in res["exit_share"]))
-    out.print(t)
-    if per_class:
-        pc = Table(title="IoU per class")
-        pc.add_column("class")
-        pc.add_column("IoU", justify="right")
-        for name, v in res["per_class"].items():
-            pc.add_row(name, "-" if v is None else f"{v:.2f}")
-        out.print(pc)
+    for t in render.eval_tables(p.name, ckpt, res):
+        out.print(t)
 
 
 @app.command("flops")
@@ -369,22 +328,22 @@ def flops_cmd(
     images: Optional[int] = typer.Option(
         None, "--images", help="With --ckpt: the first N validation images (default all)."),
     shape: Optional[tuple[int, int]] = typer.Option(
-        None, "--shape", help="Image size H W (default: the preset's crop)."),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="With --ckpt: cpu or cuda (default: cuda when present)."),
+        None, "--shape", help="Without --ckpt: image size H W (default: the preset's crop)."),
+    device: Optional[str] = DeviceOpt,
     data_root: Path = DataRootOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """GFLOPs per image in the paper's convention (fvcore counting, one crop-size image)."""
-    from .flops import flops_report, flops_table
+    from .commands.flops import flops_report
 
-    res = flops_report(preset, ckpt, threshold=thresh, images=images, shape=shape, data_root=data_root,
-                       overrides=overrides, device=device)
+    with Progress("flops", console=err, transient=True, enabled=ckpt is not None) as bar:
+        res = flops_report(preset, ckpt, threshold=thresh, images=images, shape=shape, data_root=data_root,
+                           overrides=overrides, device=device, progress=bar)
     if as_json:
         emit_json(res)
         return
-    out.print(flops_table(res))
+    out.print(render.flops_table(res))
 
 
 @app.command("bench")
@@ -412,16 +371,16 @@ def bench_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Wall-clock dense vs pruned on the same inputs: median times, their ratio, FLOP ratio, memory."""
-    from .bench import bench_table, run_bench
+    from .commands.bench import BenchOptions, run_bench
 
-    res = run_bench(preset, device=device, batch=batch, dtype=dtype, exits=exits, ckpt=ckpt, thresh=thresh,
-                    repeats=repeats, warmup=warmup, data_root=data_root, threads=threads, graphs=graphs,
-                    bucket=bucket, memory=memory, overrides=overrides,
-                    log=lambda msg: err.print(f"[dim]bench:[/] {msg}", highlight=False))
+    opts = BenchOptions(preset, device=device, batch=batch, dtype=dtype, exits=exits, ckpt=ckpt, thresh=thresh,
+                        repeats=repeats, warmup=warmup, data_root=data_root, threads=threads, graphs=graphs,
+                        bucket=bucket, memory=memory, overrides=tuple(overrides or ()))
+    res = run_bench(opts, log=lambda msg: err.print(f"[dim]bench:[/] {msg}", highlight=False))
     if as_json:
         emit_json(res)
         return
-    out.print(bench_table(res))
+    out.print(render.bench_table(res))
 
 
 @app.command("config")
@@ -440,18 +399,17 @@ def config_cmd(
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """The complete mmengine config a run would use, loadable by mmseg's own tools/train.py."""
-    from . import engine
     from .presets import load_preset
+    from .runtime.config import RunOptions, build_config, write_config
 
     p = load_preset(preset, overrides)
-    wd = work_dir if work_dir is not None else Path("work_dirs") / p.name / phase
-    cfg = engine.build_config(p, phase, data_root=data_root, work_dir=wd, max_iters=max_iters,
-                              threshold=thresh, topk=topk, load_from=from_ckpt, world_size=gpus,
-                              launcher="pytorch" if gpus > 1 else "none")
+    opts = RunOptions(phase, data_root=data_root, work_dir=work_dir, max_iters=max_iters, threshold=thresh,
+                      topk=topk, launcher="pytorch" if gpus > 1 else "none")
+    cfg = build_config(p, opts, load_from=from_ckpt, world_size=gpus)
     if out_file is None:
         sys.stdout.write(cfg.pretty_text)
         return
-    engine.write_config(cfg, out_file)
+    write_config(cfg, out_file)
     err.print(f"wrote {out_file}")
 
 
@@ -473,50 +431,18 @@ def quickstart_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """The embedded demo end to end: prepare synthetic, pretrain, train, prune, eval --flops of both."""
-    from .quickstart import quickstart
+    from .commands.quickstart import quickstart
 
     s = quickstart(work_dir, seed=seed, base_iters=base_iters, prune_iters=prune_iters,
                    pretrain_iters=pretrain_iters, n_train=n_train, n_val=n_val, console=err)
     if as_json:
         emit_json(s)
         return
-    b, q = s["base"], s["pruned"]
-
-    def g(v: Optional[float]) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    t = Table(title=f"dtop quickstart ({s['seconds']:.0f} s): tiny-synthetic, base vs pruned")
-    for col in ("model", "mIoU", "GFLOPs", "per stage"):
-        t.add_column(col, justify="left" if col in ("model", "per stage") else "right")
-    t.add_row("base (thresh 1.0)", f"{b['miou']:.2f}", g(b["gflops"]),
-              "mIoU " + " / ".join(f"{v:.1f}" for v in b["stage_miou"]))
-    t.add_row(f"pruned (thresh {q['threshold']:g})", f"{q['miou']:.2f}", g(q["gflops"]),
-              "exits " + " / ".join(f"{v:.0%}" for v in q["exit_share"]))
-    out.print(t)
+    out.print(render.quickstart_table(s))
     out.print(f"summary: {Path(s['work_dir']) / 'summary.json'}")
 
 
 # --------------------------------------------------------------------------- infer / sweep
-
-
-def _device(device: Optional[str]) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _progress(title: str):
-    """(rich progress on stderr, callback(done, total) that drives it)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    prog = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err, transient=True)
-    task = prog.add_task(title, total=None)
-
-    def update(done: int, total: int) -> None:
-        prog.update(task, completed=done, total=total)
-
-    return prog, update
 
 
 @app.command("infer")
@@ -526,31 +452,31 @@ def infer_cmd(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (dtop's or the public code's layout)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_{labels,overlay,exits,panel}.png."),
     thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    device: Optional[str] = DeviceOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Label maps, overlays and exit-stage maps; one JSON line per image on stdout (--json: one object)."""
-    from .infer import run_infer
-    from .presets import load_preset
+    from . import api
+    from .commands.infer import run_infer
+    from .presets import check_threshold, load_preset
 
     p = load_preset(preset, overrides)
-    if thresh is not None and not 0 < thresh <= 1:
-        raise UserError(f"--thresh must be in (0, 1] (got {thresh})")
-    prog, update = _progress("infer")
+    if thresh is not None:
+        check_threshold(thresh)
 
-    def line(rec: dict) -> None:
-        if not as_json:
-            prog.console.print(f"{rec['image']} -> {Path(rec['outputs']['panel']).name}", highlight=False,
-                               soft_wrap=True)
-            emit_json(rec)
+    with Progress("infer", console=err, transient=True) as bar:
+        def line(rec: dict) -> None:
+            if not as_json:
+                err.print(f"{rec['image']} -> {Path(rec['outputs']['panel']).name}", highlight=False,
+                          soft_wrap=True)
+                emit_json(rec)
 
-    def skipped(name: str, why: str) -> None:
-        prog.console.print(f"[yellow]skipped[/] {name}: {why}", highlight=False, soft_wrap=True)
+        def skipped(name: str, why: str) -> None:
+            err.print(f"[yellow]skipped[/] {name}: {why}", highlight=False, soft_wrap=True)
 
-    with prog:
-        res = run_infer(images, p, ckpt, out_dir, threshold=thresh, device=_device(device), on_result=line,
-                        on_skip=skipped, progress=update)
+        res = run_infer(images, p, ckpt, out_dir, threshold=thresh, device=api.resolve_device(device),
+                        on_result=line, on_skip=skipped, progress=bar)
     if as_json:
         emit_json(res)
     else:
@@ -566,30 +492,24 @@ def sweep_cmd(
     images: Optional[int] = typer.Option(None, "--images", help="The first N validation images only (default all)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for sweep.csv and sweep.png."),
     data_root: Path = DataRootOpt,
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)."),
+    device: Optional[str] = DeviceOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """mIoU against GFLOPs over exit thresholds: CSV, PNG plot and a table."""
+    from . import api
+    from .commands.sweep import parse_thresholds, run_sweep
     from .presets import load_preset
-    from .sweep import parse_thresholds, run_sweep
 
     p = load_preset(preset, overrides)
     ts = parse_thresholds(thresholds)
-    prog, update = _progress("sweep")
-    with prog:
-        res = run_sweep(p, ckpt, ts, data_root, out_dir, images=images, progress=update, device=_device(device))
+    with Progress("sweep", console=err, transient=True) as bar:
+        res = run_sweep(p, ckpt, ts, data_root, out_dir, images=images, progress=bar,
+                        device=api.resolve_device(device))
     if as_json:
         emit_json(res)
         return
-    t = Table(title=f"dtop sweep {p.name}: {ckpt.name} ({res['images']} val images)")
-    for col in ("threshold", "mIoU", "aAcc", "GFLOPs", "exit share per stage"):
-        t.add_column(col, justify="right")
-    for r in res["rows"]:
-        t.add_row(f"{r['threshold']:g}", f"{r['miou']:.2f}", f"{r['aacc']:.2f}",
-                  "-" if r["gflops"] is None else f"{r['gflops']:.3f}",
-                  " / ".join(f"{v:.1%}" for v in r["exit_share"]))
-    out.print(t)
+    out.print(render.sweep_table(p.name, ckpt, res))
     out.print(f"wrote {res['csv']} and {res['plot']}", highlight=False, soft_wrap=True)
 
 

@@ -20,7 +20,17 @@ import yaml
 
 from .errors import UserError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+def _preset_dir() -> Path:
+    """The shipped presets: inside the installed package (a wheel maps the repository's
+    top-level ``presets/`` to ``dtop_cli/preset_files``), else the source checkout's folder
+    (editable installs and running from a clone)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "preset_files"
+    return packaged if packaged.is_dir() else here.parent / "presets"
+
+
+PRESET_DIR = _preset_dir()
 
 
 class PresetError(UserError):
@@ -52,14 +62,31 @@ class ModelCfg:
     patch_size: int
     mlp_ratio: float
     drop_path_rate: float
-    stage_ends: list[int] = field(metadata=_len(3))
+    #: 0-based layers after which a head reads the tokens; any number of stages >= 1
+    stage_ends: list[int]
     head: HeadCfg
     pretrained: Optional[str]
 
 
+def valid_threshold(value: float) -> bool:
+    """An exit threshold is a token's best class score to beat: in (0, 1], 1.0 = no exit."""
+    return 0.0 < value <= 1.0
+
+
+def check_threshold(value: Any, what: str = "--thresh") -> float:
+    """The one check of an exit threshold given on the command line or through the API."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number in (0, 1] (got {value!r})") from None
+    if not valid_threshold(v):
+        raise UserError(f"{what} must be in (0, 1] (got {value})")
+    return v
+
+
 @dataclass(frozen=True)
 class ExitCfg:
-    threshold: float = field(metadata={"check": (lambda v: 0 < v <= 1, "a number in (0, 1]")})
+    threshold: float = field(metadata={"check": (valid_threshold, "a number in (0, 1]")})
     keep_topk: int = field(metadata={"check": (lambda v: v >= 0, "an integer >= 0")})
 
 
@@ -177,6 +204,11 @@ class Preset:
         d.pop("source", None)
         return d
 
+    def to_yaml(self) -> str:
+        """The resolved preset as YAML text (overrides applied): what a checkpoint records, so
+        that it can be rebuilt exactly even after the file it came from is gone."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
 
 # --------------------------------------------------------------------------- validation
 
@@ -269,7 +301,8 @@ def _semantic_checks(p: Preset, where: str) -> None:
     """Cross-field rules the types alone cannot say."""
     m = p.model
     ends = m.stage_ends
-    if sorted(ends) != ends or len(set(ends)) != len(ends) or ends[-1] != m.num_layers - 1 or ends[0] < 0:
+    if not ends or sorted(ends) != ends or len(set(ends)) != len(ends) or ends[-1] != m.num_layers - 1 \
+            or ends[0] < 0:
         raise PresetError(
             f"{where}: key 'model.stage_ends': expected strictly increasing layer indices "
             f"ending at num_layers-1 = {m.num_layers - 1}, got {ends}"
@@ -341,15 +374,24 @@ def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
 def load_preset(name_or_path: str, overrides: Optional[list[str]] = None) -> Preset:
     """Read, override and validate a preset; raises PresetError with one clear line."""
     path = resolve_path(name_or_path)
-    where = str(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except OSError as e:
+        raise PresetError(f"{path}: cannot read ({e.strerror})") from None
+    return preset_from_text(text, str(path), overrides)
+
+
+def preset_from_text(text: str, where: str, overrides: Optional[list[str]] = None) -> Preset:
+    """Parse, override and validate preset YAML text (a file's, or one a checkpoint recorded).
+
+    ``where`` names the origin in error messages and becomes the preset's ``source``.
+    """
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise PresetError(f"{where}: not valid YAML{at}") from None
-    except OSError as e:
-        raise PresetError(f"{where}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise PresetError(f"{where}: expected a mapping at the top level")
     if overrides:

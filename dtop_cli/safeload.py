@@ -186,8 +186,11 @@ def _offending(message: str) -> str | None:
     return None
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
     """Load a checkpoint (mmengine's or a plain state dict) without running code from it.
+
+    mmap: map the tensors from the file instead of reading them (zip-format files), for
+    callers that only look at the metadata of a checkpoint that may be gigabytes large.
 
     Raises :class:`UserError` if the file is missing or is not a PyTorch checkpoint, and
     :class:`UnsafeCheckpointError` (also exit code 2) naming the file and the first global
@@ -210,7 +213,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 
     install_safe_globals()
     try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
+        obj = torch.load(p, map_location=map_location, weights_only=True,
+                         mmap=mmap and zipfile.is_zipfile(p))
     except pickle.UnpicklingError as e:
         msg = str(e)
         what = _offending(msg)

@@ -17,10 +17,7 @@ colour blindness.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -330,30 +327,3 @@ def encode_png(bgr: np.ndarray) -> bytes:
     if not ok:  # pragma: no cover - encoder failure
         raise RuntimeError("could not encode PNG")
     return data.tobytes()
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write under a hidden temporary name in the same folder, then rename into place: a
-    reader (or a crash) never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

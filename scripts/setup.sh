@@ -33,6 +33,7 @@ TORCH_SPEC=${DTOP_TORCH_SPEC:-torch==2.13.0}
 MMCV_SPEC="mmcv==2.1.0"
 BUILD_SETUPTOOLS="setuptools<70"
 RUNTIME_SETUPTOOLS="setuptools>=77.0.3,<82"
+BUILD_BACKEND="hatchling>=1.26"  # pyproject.toml [build-system]
 
 RUN_TESTS=0
 FORCE=0
@@ -134,6 +135,8 @@ fi
 done_step "setuptools $("$PY" -c 'import setuptools; print(setuptools.__version__)'), mmcv.ops ok"
 
 # ---------------------------------------------------------------- 4. dtop itself
+# Built without isolation (nothing to download twice); its build backend must be present.
+pip install -q "$BUILD_BACKEND"
 pip install -q --no-build-isolation -e "$ROOT[test]"
 done_step "install dtop (editable) + test deps"
 

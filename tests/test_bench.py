@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from dtop_cli import bench as BN
 from dtop_cli import presets as P
+from dtop_cli.commands import bench as BN
 from dtop_cli.errors import UserError
 from dtop_cli.model.build import build_model
 from dtop_cli.model.graphs import next_width, round_up
@@ -86,7 +86,7 @@ def test_ideal_ratio_is_token_layer_work():
 
 
 def test_run_bench_reports_times_ratios_and_memory():
-    r = BN.run_bench("tiny-synthetic", exits="0.3,0.65", repeats=2, warmup=1, batch=2)
+    r = BN.run_bench(BN.BenchOptions("tiny-synthetic", exits="0.3,0.65", repeats=2, warmup=1, batch=2))
     assert CONTRACT_KEYS <= set(r)
     assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["batch"] == 2 and r["mode"] == "forced"
     assert len(r["dense_runs_ms"]) == len(r["pruned_runs_ms"]) == 2
@@ -103,9 +103,9 @@ def test_run_bench_reports_times_ratios_and_memory():
 
 def test_flop_ratio_below_one_when_nothing_exits():
     """The auxiliary heads count in the pruned path: with no exits it costs more."""
-    from dtop_cli.flops import count_gflops
+    from dtop_cli.cost import count_gflops
 
-    r = BN.run_bench("tiny-synthetic", exits="0,0", repeats=1, warmup=0, memory=False)
+    r = BN.run_bench(BN.BenchOptions("tiny-synthetic", exits="0,0", repeats=1, warmup=0, memory=False))
     assert r["flop_ratio"] < 1 and r["ideal_ratio"] == 1.0
     assert r["dense_peak_mb"] is None and r["memory_measure"] is None
     # the closed form bench uses is the traced count of the same forward
@@ -124,11 +124,11 @@ def test_threshold_path_with_checkpoint_on_images(tmp_path):
     model = tiny_model()
     ckpt = tmp_path / "tiny.pth"
     torch.save({"meta": {"dtop": {"threshold": 0.05}}, "state_dict": model.state_dict()}, ckpt)
-    r = BN.run_bench("tiny-synthetic", ckpt=ckpt, data_root=tmp_path / "data", batch=3, repeats=1, warmup=0,
-                     memory=False)
+    r = BN.run_bench(BN.BenchOptions("tiny-synthetic", ckpt=ckpt, data_root=tmp_path / "data", batch=3,
+                                     repeats=1, warmup=0, memory=False))
     assert r["mode"] == "threshold" and r["threshold"] == 0.05 and r["inputs"] == "images"
     assert r["active_counts"][0] == 256 and r["active_counts"][2] < 256  # the real rule retired tokens
-    r2 = BN.run_bench("tiny-synthetic", ckpt=ckpt, thresh=0.5, repeats=1, warmup=0, memory=False)
+    r2 = BN.run_bench(BN.BenchOptions("tiny-synthetic", ckpt=ckpt, thresh=0.5, repeats=1, warmup=0, memory=False))
     assert r2["threshold"] == 0.5 and r2["inputs"] == "random"
 
 
@@ -264,3 +264,27 @@ def test_cached_key_value_weights_follow_weight_updates():
     with torch.enable_grad():
         live = head(tokens)[1]  # the differentiable path concatenates afresh
     assert torch.allclose(live, after, atol=1e-6)
+
+
+def test_bench_images_are_the_validation_split_lists_images(tmp_path):
+    """Pascal-Context keeps train and val images in one folder: the bench reads val.txt."""
+    from test_prepare_pascal_context import build_pascal
+    from test_prepare_then_train import SHRINK
+
+    from dtop_cli.data import prepare_dataset
+    from dtop_cli.data.mmseg import dataset_root, paper_window, read_test_image
+
+    tar, js, _, _ = build_pascal(tmp_path)
+    prepare_dataset("pascal-context", [tar, js], tmp_path / "data", workers=1)
+    p = P.load_preset("segvit-large-pc", SHRINK)
+    model = build_model(p)
+    root = dataset_root(p, tmp_path / "data")
+    val = (root / p.data.val_split.list).read_text().split()
+    jpegs = sorted((root / p.data.val_split.img).glob("*.jpg"))
+    assert jpegs[0].stem not in val  # the folder's first image is a training image
+    x = BN.image_batch(model, p, tmp_path / "data", 3)
+    crop = tuple(p.data.crop)
+    for i in range(3):  # the list's images, in its order, repeated when the batch is larger
+        want = paper_window(model, read_test_image(p, root / p.data.val_split.img / f"{val[i % len(val)]}.jpg"), crop)
+        assert torch.equal(x[i:i + 1], want)
+    assert not torch.equal(x[:1], paper_window(model, read_test_image(p, jpegs[0]), crop))

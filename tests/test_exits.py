@@ -73,9 +73,15 @@ def test_exit_decision_combines_threshold_and_keep():
     assert leaving.tolist() == [[False, True, True, False, False, True]]
 
 
+def _plan(active):
+    """The eager path's plan for the given staying tokens (everything else leaves)."""
+    plan = X.exit_plan(~active)
+    return plan.idx, (plan.valid if plan.valid is not None else torch.ones_like(plan.idx, dtype=torch.bool))
+
+
 def test_compact_plan_packs_active_tokens_in_order():
     active = torch.tensor([[True, False, True, True], [False, True, False, False]])
-    idx, valid = X.compact_plan(active)
+    idx, valid = _plan(active)
     assert idx.shape == (2, 3)
     assert idx[0].tolist() == [0, 2, 3]
     assert idx[1, 0].item() == 1
@@ -87,7 +93,7 @@ def test_compact_plan_packs_active_tokens_in_order():
 def test_gather_then_scatter_roundtrip_and_no_leak_from_padding():
     x = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
     active = torch.tensor([[True, True, False, True, False], [False, False, True, False, False]])
-    idx, valid = X.compact_plan(active)
+    idx, valid = _plan(active)
     g = X.gather_tokens(x, idx)
     assert torch.equal(g[0], x[0, [0, 1, 3]])
     assert torch.equal(g[1, 0], x[1, 2])
@@ -107,3 +113,30 @@ def test_scatter_tokens_keeps_gradient_to_values():
     out.sum().backward()
     assert vals.grad.tolist() == [[[1.0, 0.0], [1.0, 0.0]]]
     assert out[0, :, 1].tolist() == [1.0, 1.0] and out[0, :, 3].tolist() == [0.0, 0.0]
+
+
+def test_compaction_keeps_one_token_per_image_without_a_host_read():
+    leaving = torch.tensor([[True, True, True], [False, True, False]])
+    c = X.compact(leaving)
+    # image 0 would lose every token: its slot 0 stays
+    assert c.leaving.tolist() == [[False, True, True], [False, True, False]]
+    assert c.counts.tolist() == [1, 2]
+    assert c.order[0, 0].item() == 0 and c.order[1, :2].tolist() == [0, 2]
+    assert c.stats().tolist() == [2, 1, 3]
+    plan = X.exit_plan(leaving)
+    assert torch.equal(plan.leaving, c.leaving) and torch.equal(plan.idx, c.order[:, :2])
+    assert plan.valid.tolist() == [[True, False], [True, True]]
+
+
+def test_exit_plan_is_none_when_nothing_leaves():
+    assert X.exit_plan(torch.zeros(2, 4, dtype=torch.bool)) is None
+    valid = torch.tensor([[True, True, False]])
+    assert X.exit_plan(torch.zeros(1, 3, dtype=torch.bool), valid) is None
+
+
+def test_mark_exits_by_slot_and_by_position():
+    stage = torch.full((1, 4), 3)
+    X.mark_exits(stage, torch.tensor([[True, False, False, True]]), None, 1)
+    assert stage.tolist() == [[1, 3, 3, 1]]
+    X.mark_exits(stage, torch.tensor([[False, True]]), torch.tensor([[1, 2]]), 2)
+    assert stage.tolist() == [[1, 3, 2, 1]]

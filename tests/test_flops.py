@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtop_cli import flops as FL
+from dtop_cli import cost as FL
 from dtop_cli import presets as P
+from dtop_cli.commands import flops as FR
+from dtop_cli.data.mmseg import central_window, paper_window, val_dataset
 from dtop_cli.model.build import build_model
 from dtop_cli.model.layers import explicit_attention
 
@@ -176,10 +178,11 @@ def test_windows_sum_and_api_predict_uses_the_counter():
     pred = api.predict(model, img)
     static = FL.count_gflops(model, torch.randn(1, 3, 256, 256))
     assert pred.gflops == pytest.approx(static, rel=1e-12)
+    assert pred.gflops_protocol == pytest.approx(static, rel=1e-12)  # one crop-size window
     # a window not a multiple of the patch: grid rounds up, the resize is to the window itself
-    odd = FL.windows_gflops(model, [(200, 300, [13 * 19] * 3)])
+    odd = FL.protocol_gflops(model, [(200, 300, [13 * 19] * 3)])
     assert odd == pytest.approx(FL.count_gflops(model, torch.randn(1, 3, 200, 300)), rel=1e-12)
-    both = FL.windows_gflops(model, [(256, 256, [256] * 3), (200, 300, [247] * 3)])
+    both = FL.protocol_gflops(model, [(256, 256, [256] * 3), (200, 300, [247] * 3)])
     assert both == pytest.approx(static + odd)
 
 
@@ -187,8 +190,8 @@ def test_windows_sum_and_api_predict_uses_the_counter():
 
 
 def test_static_counts_aux_heads_only_below_threshold_one():
-    base = FL.static_gflops("tiny-synthetic")
-    pruned = FL.static_gflops("tiny-synthetic", threshold=0.9)
+    base = FR.static_gflops("tiny-synthetic")
+    pruned = FR.static_gflops("tiny-synthetic", threshold=0.9)
     model = tiny_model()
     aux = sum(FL.atm_head_flops(h, 256) for h in model.auxiliary_head) / 1e9
     by_hand = hand_formula(model, (16, 16), [256] * 3, False, (256, 256))
@@ -196,10 +199,10 @@ def test_static_counts_aux_heads_only_below_threshold_one():
     assert pruned["gflops"] - base["gflops"] == pytest.approx(aux, rel=1e-9)
     assert base["exit_share"] == [0.0, 0.0, 1.0] and base["images"] == 1
     ade = P.load_preset("segvit-base-ade")
-    assert FL._paper_gflops(ade, 1.0, (512, 512), dynamic=False) == 109.9
-    assert FL._paper_gflops(ade, 0.9, (512, 512), dynamic=False) is None  # nothing exits: not the average
-    assert FL._paper_gflops(ade, 0.9, (512, 512), dynamic=True) == 86.8
-    assert FL._paper_gflops(ade, 1.0, (256, 256), dynamic=False) is None
+    assert FR._paper_gflops(ade, 1.0, (512, 512), dynamic=False) == 109.9
+    assert FR._paper_gflops(ade, 0.9, (512, 512), dynamic=False) is None  # nothing exits: not the average
+    assert FR._paper_gflops(ade, 0.9, (512, 512), dynamic=True) == 86.8
+    assert FR._paper_gflops(ade, 1.0, (256, 256), dynamic=False) is None
     assert sum(base["breakdown"].values()) == pytest.approx(base["gflops"])
 
 
@@ -212,37 +215,46 @@ def synthetic_root(tmp_path_factory):
     return root
 
 
+def _dataset_cost(model, root, thresholds, images=None):
+    from dtop_cli.measure import measure
+
+    model.dtop_preset = P.load_preset("tiny-synthetic")
+    ds = val_dataset(model.dtop_preset, root, images)
+    return [t.result() for t in measure(model, ds, thresholds, miou=False, cost=True)]
+
+
 def test_dataset_at_threshold_one_equals_static(synthetic_root):
     model = tiny_model()
-    res = FL.dataset_gflops(model, "tiny-synthetic", synthetic_root, threshold=1.0, progress=False)
-    static = FL.static_gflops("tiny-synthetic")
+    (res,) = _dataset_cost(model, synthetic_root, [1.0])
+    static = FR.static_gflops("tiny-synthetic")
     assert res["images"] == 3
     assert res["gflops"] == pytest.approx(static["gflops"], rel=1e-12)
     assert res["exit_share"] == [0.0, 0.0, 1.0]
 
 
 def test_dataset_dynamic_equals_trace_of_each_image(synthetic_root):
+    import mmcv
+
     model = tiny_model(threshold=0.9)
-    res = FL.dataset_gflops(model, "tiny-synthetic", synthetic_root, images=2, threshold=0.05, progress=False)
+    (res,) = _dataset_cost(model, synthetic_root, [0.05], images=2)
     assert model.threshold == 0.9  # restored
     assert res["images"] == 2 and res["threshold"] == 0.05
     assert sum(res["exit_share"]) == pytest.approx(1.0) and res["exit_share"][0] > 0
-    import mmcv
-
-    model.threshold = 0.05
     traced = []
-    for path in FL.val_image_paths(P.load_preset("tiny-synthetic"), synthetic_root)[:2]:
-        x = FL._model_input(model, FL.crop_window(mmcv.imread(path), (256, 256)), (256, 256))
-        traced.append(FL.count_gflops(model, x))
+    ds = val_dataset(model.dtop_preset, synthetic_root, 2, pipeline=[])
+    with model.exit_mode(threshold=0.05):
+        for i in range(2):
+            img = mmcv.imread(ds.get_data_info(i)["img_path"])
+            traced.append(FL.count_gflops(model, paper_window(model, img, (256, 256))))
     assert res["gflops"] == pytest.approx(sum(traced) / 2, rel=1e-12)
-    assert res["gflops"] < FL.static_gflops("tiny-synthetic", threshold=0.05)["gflops"]
+    assert res["gflops"] < FR.static_gflops("tiny-synthetic", threshold=0.05)["gflops"]
 
 
 def test_crop_window_is_central_and_keeps_short_sides():
     img = np.arange(10 * 30).reshape(10, 30)
-    w = FL.crop_window(img, (8, 8))
+    w = central_window(img, (8, 8))
     assert w.shape == (8, 8) and w[0, 0] == img[1, 11]
-    assert FL.crop_window(img, (16, 16)).shape == (10, 16)
+    assert central_window(img, (16, 16)).shape == (10, 16)
 
 
 # ----------------------------------------------------------------- the paper's numbers
@@ -255,7 +267,7 @@ PAPER_PRESETS = ["segvit-base-ade", "segvit-large-ade", "segvit-large-pc", "segv
 def test_closed_form_matches_paper_base_gflops(name):
     """Fast: the closed form on the real architecture (no forward)."""
     p = P.load_preset(name)
-    with FL._skip_weight_init():
+    with FR._skip_weight_init():
         model = build_model(p, threshold=1.0)
     H, W = p.data.crop
     g = FL.gflops_from_counts(model, (H // 16, W // 16), [H * W // 256] * 3)
@@ -264,7 +276,7 @@ def test_closed_form_matches_paper_base_gflops(name):
 
 def test_traced_base_ade_matches_public_breakdown():
     """method.md: 109.70 = backbone 107.00 + last head 2.547 + final resize 0.157."""
-    res = FL.static_gflops("segvit-base-ade")
+    res = FR.static_gflops("segvit-base-ade")
     assert res["breakdown"]["backbone"] == pytest.approx(107.00, abs=0.005)
     assert res["breakdown"]["heads"] == pytest.approx(2.547, abs=0.0005)
     assert res["breakdown"]["resize"] == pytest.approx(0.157, abs=0.0005)
@@ -276,7 +288,7 @@ def test_traced_base_ade_matches_public_breakdown():
 @pytest.mark.parametrize("name,public", [("segvit-large-ade", 616.73), ("segvit-large-pc", 315.30),
                                          ("segvit-large-cocostuff", 366.68)])
 def test_traced_vit_large_matches_paper(name, public):
-    res = FL.static_gflops(name)
+    res = FR.static_gflops(name)
     assert res["gflops"] == pytest.approx(public, abs=0.01)
     assert res["gflops"] == pytest.approx(P.load_preset(name).paper.base_gflops, rel=0.005)
 
@@ -310,7 +322,7 @@ def test_cli_flops_with_checkpoint_over_images(run_cli, synthetic_root, tmp_path
     assert r.code == 0, r.err
     obj = r.json()
     assert obj["images"] == 2 and obj["exit_share"] == [0.0, 0.0, 1.0]
-    assert obj["gflops"] == pytest.approx(FL.static_gflops("tiny-synthetic")["gflops"], rel=1e-12)
+    assert obj["gflops"] == pytest.approx(FR.static_gflops("tiny-synthetic")["gflops"], rel=1e-12)
     missing = run_cli(["flops", "--preset", "tiny-synthetic", "--ckpt", str(ckpt),
                        "--data-root", str(tmp_path / "nowhere")])
     assert missing.code == 2 and "no validation images" in missing.err

@@ -20,12 +20,13 @@ import pytest
 import torch
 import yaml
 
-from dtop_cli.presets import load_preset
-
 from dtop_cli import viz
+from dtop_cli.commands.infer import find_images
+from dtop_cli.commands.sweep import parse_thresholds, to_csv
 from dtop_cli.errors import UserError
-from dtop_cli.infer import find_images
-from dtop_cli.sweep import finalised_per_stage, parse_thresholds, to_csv
+from dtop_cli.fsutil import atomic_write
+from dtop_cli.metrics import finalised, token_shares
+from dtop_cli.presets import load_preset
 
 SIZE = 128  # crop and test scale of the test preset: 8x8 tokens of 16 px
 STEPS = 80
@@ -230,7 +231,7 @@ def test_infer_json_globs_and_unreadable_inputs(trained, run_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_csv_plot_and_trade_off(trained, run_cli, tmp_path, monkeypatch):
+def test_sweep_csv_plot_and_trade_off(trained, run_cli, tmp_path):
     ths = trained.thresholds + [1.0]
     out_dir = tmp_path / "sweep"
     r = run_cli(["sweep", "--preset", str(trained.preset), "--ckpt", str(trained.ckpt), "--thresholds",
@@ -257,22 +258,16 @@ def test_sweep_csv_plot_and_trade_off(trained, run_cli, tmp_path, monkeypatch):
     # below 1.0 the auxiliary heads run, so cost can only fall as the threshold falls further
     assert all(a >= b - 1e-9 for a, b in zip(gf[1:], gf[2:])), gf
     assert gf[-1] < gf[0], gf
-    # without flops.dataset_gflops the test-protocol windows are counted instead; on square
-    # crop-size images (one whole window each) both ways must give the same numbers
-    from dtop_cli import flops
-    from dtop_cli.sweep import run_sweep
-
-    monkeypatch.delattr(flops, "dataset_gflops")
-    alt = run_sweep(load_preset(str(trained.preset)), trained.ckpt, [1.0, ths[0]], trained.data_root,
-                    tmp_path / "alt")
-    assert [a["gflops"] for a in alt["rows"]] == pytest.approx([gf[0], gf[-1]], rel=1e-6)
-    assert alt["rows"][1]["exit_share"] == pytest.approx(obj["rows"][-1]["exit_share"], abs=1e-6)
-    assert alt["rows"][1]["miou"] == pytest.approx(obj["rows"][-1]["miou"])
-    # the mIoU at 1.0 is what `dtop eval` reports for the same images
-    r = run_cli(["eval", "--preset", str(trained.preset), "--ckpt", str(trained.ckpt), "--thresh", "1.0",
-                 "--data-root", str(trained.data_root), "--json"])
-    assert r.code == 0, r.err
-    assert r.json()["miou"] == pytest.approx(obj["rows"][0]["miou"], abs=0.01)
+    # eval and sweep share one measurement path: the same numbers for the same threshold
+    for t, row in ((1.0, obj["rows"][0]), (ths[0], obj["rows"][-1])):
+        r = run_cli(["eval", "--preset", str(trained.preset), "--ckpt", str(trained.ckpt), "--thresh", str(t),
+                     "--data-root", str(trained.data_root), "--flops", "--json"])
+        assert r.code == 0, r.err
+        ev = r.json()
+        assert abs(ev["miou"] - row["miou"]) < 1e-9 and abs(ev["gflops"] - row["gflops"]) < 1e-9
+        assert ev["exit_share"] == pytest.approx(row["exit_share"], abs=1e-12)
+        # crop-size images, one whole window each: the protocol's cost is the paper window's
+        assert ev["gflops_protocol"] == pytest.approx(ev["gflops"], rel=1e-12)
 
 
 @pytest.mark.slow
@@ -297,12 +292,14 @@ def test_parse_thresholds():
 
 
 def test_finalised_per_stage_and_csv():
-    fin = finalised_per_stage([(256, 256, [256, 100, 40]), (256, 128, [128, 128, 128])])
+    fin = finalised([256, 100, 40]) + finalised([128, 128, 128])
     assert fin.tolist() == [156 + 0, 60 + 0, 40 + 128]
-    rows = [{"threshold": 1.0, "miou": 50.0, "aacc": 80.0, "gflops": None, "exit_share": [0.0, 0.0, 1.0]}]
+    exit_share, active = token_shares([256 + 128, 100 + 128, 40 + 128])
+    assert exit_share == pytest.approx([156 / 384, 60 / 384, 168 / 384]) and active[0] == 1.0
+    rows = [{"threshold": 1.0, "miou": 50.0, "aacc": 80.0, "gflops": 0.25, "exit_share": [0.0, 0.0, 1.0]}]
     text = to_csv(rows, 3).decode().splitlines()
     assert text[0].startswith("threshold,miou,aacc,gflops,exit_share_stage1")
-    assert text[1].split(",")[3] == ""  # no FLOP counter: empty, not a made-up number
+    assert text[1].split(",")[3] == "0.25"
 
 
 def test_token_grid_maps_onto_non_square_photos():
@@ -327,7 +324,7 @@ def test_label_png_round_trip_and_palettes(tmp_path):
     assert len(palette) == 150 and palette[0].tolist() == [120, 120, 120]  # mmseg's ADE20K colours
     labels = np.random.default_rng(0).integers(0, 150, (37, 53))
     path = tmp_path / "l.png"
-    viz.write_atomic(path, viz.label_png(labels, palette))
+    atomic_write(path, viz.label_png(labels, palette))
     assert np.array_equal(np.array(Image.open(path)), labels)
     rgb = cv2.imread(str(path))[..., ::-1]
     assert np.array_equal(rgb, palette[labels])

@@ -221,8 +221,8 @@ def test_any_size_multiple_of_16_and_batch():
 def test_training_step_with_exits_has_gradients_everywhere():
     model = tiny_model(threshold=0.3)
     model.train()
-    from mmseg.structures import SegDataSample
     from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
 
     img = torch.randn(2, 3, 64, 64)
     samples = []

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dtop_cli.commands.pretrain import pretrain_backbone
 from dtop_cli.data.synthetic import make_synthetic
 from dtop_cli.errors import UserError
 from dtop_cli.model.build import build_model
 from dtop_cli.presets import load_preset
-from dtop_cli.pretrain import pretrain_backbone
 from dtop_cli.safeload import load_checkpoint
 
 

@@ -114,25 +114,14 @@ def test_prune_changes_the_work_not_the_architecture(base_run: dict, data_root: 
     assert _weights(pr["checkpoint"]) == _weights(base_run["checkpoint"])  # same architecture
     assert load_checkpoint(pr["checkpoint"])["meta"]["dtop"]["threshold"] == 0.05
 
-    want_flops = _have_flops()
-    extra = ["--flops"] if want_flops else []
-    common = ["-p", PRESET, "--data-root", str(data_root), "--json", *extra]
+    common = ["-p", PRESET, "--data-root", str(data_root), "--json", "--flops"]
     eb = one_json(dtop("eval", "--ckpt", base_run["checkpoint"], *common, cwd=tmp_path))
     # no --thresh: the threshold recorded in the pruned checkpoint
     ep = one_json(dtop("eval", "--ckpt", pr["checkpoint"], *common, cwd=tmp_path))
     assert ep["threshold"] == 0.05 and eb["threshold"] == 1.0
-    if want_flops:
-        assert eb["exit_share"] == [0.0, 0.0, 1.0]
-        assert ep["exit_share"][0] > 0.3
-        assert ep["gflops"] < eb["gflops"]
-
-
-def _have_flops() -> bool:
-    try:
-        from dtop_cli.flops import windows_gflops  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    assert eb["exit_share"] == [0.0, 0.0, 1.0]
+    assert ep["exit_share"][0] > 0.3
+    assert ep["gflops"] < eb["gflops"]
 
 
 @pytest.mark.slow
@@ -231,8 +220,6 @@ def test_config_command(run_cli, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quickstart_smoke(tmp_path: Path) -> None:
-    if not _have_flops():
-        pytest.fail("dtop_cli.flops.windows_gflops is needed by quickstart (eval --flops)")
     wd = tmp_path / "qs"
     s = one_json(dtop("quickstart", "--work-dir", str(wd), "--pretrain-iters", "2", "--base-iters", "2",
                       "--prune-iters", "1", "--train-images", "8", "--val-images", "3", "--json",
@@ -243,3 +230,27 @@ def test_quickstart_smoke(tmp_path: Path) -> None:
     assert set(s["pruned"]) >= {"miou", "gflops", "exit_share"} and len(s["pruned"]["exit_share"]) == 3
     assert s["base"]["gflops"] > 0
     assert s["pretrain"]["iters"] == 2 and Path(s["pretrain"]["path"]).is_file()
+
+
+# --------------------------------------------------------------------------- any number of stages
+
+
+@pytest.mark.slow
+def test_four_stage_preset_trains_prunes_and_evaluates(data_root: Path, tmp_path: Path) -> None:
+    """stage_ends may have any length: four stages means three auxiliary heads and exits."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "presets" / f"{PRESET}.yaml").read_text())
+    spec["name"] = "tiny-four-stages"
+    spec["model"].update(num_layers=8, stage_ends=[1, 3, 5, 7])
+    preset = tmp_path / "four.yaml"
+    preset.write_text(yaml.safe_dump(spec))
+    common = ["-p", str(preset), "--data-root", str(data_root), "--json"]
+    base = one_json(dtop("train", *common, "--work-dir", str(tmp_path / "b"), "--max-iters", "2", cwd=tmp_path))
+    state = load_checkpoint(base["checkpoint"])["state_dict"]
+    assert {k.split(".")[1] for k in state if k.startswith("auxiliary_head.")} == {"0", "1", "2"}
+    pr = one_json(dtop("prune", *common, "--from", base["checkpoint"], "--thresh", "0.05", "--max-iters", "1",
+                       "--work-dir", str(tmp_path / "p"), cwd=tmp_path))
+    ev = one_json(dtop("eval", *common, "--ckpt", pr["checkpoint"], "--flops", "--stages", cwd=tmp_path))
+    assert len(ev["exit_share"]) == 4 and len(ev["stage_miou"]) == 4
+    assert sum(ev["exit_share"]) == pytest.approx(1.0) and ev["exit_share"][0] > 0.3

@@ -8,7 +8,8 @@ from mmseg.registry import MODELS
 
 from .atm_head import ATMHead
 from .loss import ATMLoss
-from .segmentor import DToPOutput, DToPSegmentor
+from .exits import DToPOutput
+from .segmentor import DToPSegmentor
 from .vit import DToPViT
 
 for _cls in (DToPViT, ATMHead, ATMLoss):

@@ -9,7 +9,8 @@ Shapes: B images, K classes, L token slots (possibly padded), D channels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -63,21 +64,44 @@ def exit_decision(scores: Tensor, threshold: float, keep_topk: int, valid: Tenso
     return retiring & ~keep
 
 
-def compact_plan(active: Tensor, width: int | None = None, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Gather plan that packs the active tokens of every image to the front of the slot axis.
+@dataclass
+class Compaction:
+    """The next stage's batch after a stage's exits, as device tensors (no host read).
 
-    Returns idx (B, L') with the slot index of each kept token, in original order, padded
-    with indices of inactive slots, and valid (B, L') marking real tokens. L' = width,
-    by default the largest active count in the batch (then one host sync: the padded
-    length must be known); a caller that already knows it (or pads to a bucket size,
-    at most the slot count) passes it, with the per-image counts if it has them.
+    leaving (B, L): slots whose token retires now, after the keep-one rule. order (B, L):
+    slot indices with the staying tokens first, in their original order, then the rest;
+    the first ``counts[b]`` entries of row b are image b's staying tokens. counts (B,).
     """
-    counts = active.sum(dim=1) if counts is None else counts
-    if width is None:
-        width = int(counts.max())
-    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=active.device).unsqueeze(0) < counts.unsqueeze(1)
-    return order, valid
+
+    leaving: Tensor
+    order: Tensor
+    counts: Tensor
+
+    def stats(self) -> Tensor:
+        """(largest count, smallest count, tokens leaving) as one tensor: the one value a
+        caller reads back to the host to size the next stage (see :func:`exit_plan`)."""
+        return torch.stack([self.counts.max(), self.counts.min(), self.leaving.sum()])
+
+
+def compact(leaving: Tensor, valid: Tensor | None = None) -> Compaction:
+    """Pack the staying tokens of every image to the front of the slot axis, sync-free.
+
+    leaving (B, L) must already exclude padding slots (valid False). An image keeps at
+    least one token (its slot 0, always real): the heads need a key. The one compaction of
+    the project: the eager forward (through :func:`exit_plan`) and the CUDA-graph runner
+    (which cannot read anything back while a graph is captured) both call it.
+    """
+    active = ~leaving if valid is None else valid & ~leaving
+    leaving = leaving.clone()
+    leaving[:, 0] &= active.any(1)
+    active = ~leaving if valid is None else valid & ~leaving
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
+    return Compaction(leaving, order, active.sum(dim=1))
+
+
+def slot_valid(counts: Tensor, width: int) -> Tensor:
+    """(B, width) mask of the real slots of a packed batch whose images keep ``counts``."""
+    return torch.arange(width, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
 
 
 @dataclass
@@ -85,7 +109,7 @@ class ExitPlan:
     """How the tokens of a batch go on after a stage.
 
     leaving (B, L): slots whose token retires now (after the keep-one rule). idx (B, W):
-    gather plan of the staying tokens (see :func:`compact_plan`). valid (B, W) or None
+    gather plan of the staying tokens (see :class:`Compaction`). valid (B, W) or None
     when no slot of the new batch is padding. counts (B,): tokens each image keeps.
     """
 
@@ -95,31 +119,31 @@ class ExitPlan:
     counts: Tensor
 
 
-def exit_plan(leaving: Tensor, valid: Tensor | None = None, multiple: int = 1) -> ExitPlan | None:
-    """Turn the retiring slots of a stage into the next stage's gather plan, with one sync.
+def exit_plan(leaving: Tensor, valid: Tensor | None = None) -> ExitPlan | None:
+    """Turn the retiring slots of a stage into the next stage's gather plan.
 
-    leaving (B, L) must already exclude padding slots. None when no token leaves (the
-    batch goes on unchanged). An image keeps at least one token (its slot 0, always
-    real): the heads need a key. The new width is the largest count rounded up to a
-    multiple of `multiple` (at most L): fewer distinct shapes for captured graphs.
-    The only host syncs are the one read of (largest count, smallest count, leavers),
-    which also tells whether the new batch needs a padding mask, and a second one in the
-    rare case that an image would lose every token.
+    :func:`compact`, then the one host read of a stage: (largest count, smallest count,
+    leavers). The new width is the largest count, so no slot is wasted; padding exists
+    only where images keep different numbers. None when no token leaves (the batch goes
+    on unchanged).
     """
-    active = ~leaving if valid is None else valid & ~leaving
-    counts = active.sum(dim=1)
-    hi, lo, gone = torch.stack([counts.max(), counts.min(), leaving.sum()]).tolist()
-    if gone and not lo:
-        leaving = leaving.clone()
-        leaving[:, 0] &= counts > 0
-        active = ~leaving if valid is None else valid & ~leaving
-        counts = active.sum(dim=1)
-        hi, lo, gone = torch.stack([counts.max(), counts.min(), leaving.sum()]).tolist()
+    c = compact(leaving, valid)
+    hi, lo, gone = c.stats().tolist()
     if not gone:
         return None
-    width = min(-(-hi // multiple) * multiple, leaving.shape[1])
-    idx, new_valid = compact_plan(active, width, counts)
-    return ExitPlan(leaving, idx, None if lo == width else new_valid, counts)
+    return ExitPlan(c.leaving, c.order[:, :hi], None if lo == hi else slot_valid(c.counts, hi), c.counts)
+
+
+def mark_exits(exit_stage: Tensor, leaving: Tensor, pos: Tensor | None, stage: int) -> None:
+    """Record in place that the tokens in ``leaving`` slots were finalised by ``stage``.
+
+    exit_stage (B, N) by grid position; leaving (B, L) by slot; pos (B, L) grid position of
+    each slot (None: slots are still the grid positions).
+    """
+    if pos is None:
+        exit_stage.masked_fill_(leaving, stage)
+    else:
+        exit_stage.scatter_(1, pos, torch.where(leaving, stage, exit_stage.gather(1, pos)))
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -144,3 +168,21 @@ def scatter_tokens(full: Tensor, values: Tensor, pos: Tensor, valid: Tensor | No
     keep = valid.view(shape).expand(*values.shape)
     current = full.gather(dim, index)
     return full.scatter(dim, index, torch.where(keep, values, current))
+
+
+@dataclass
+class DToPOutput:
+    """Everything one batched forward produced.
+
+    scores: (B, K, h, w) final class scores. exit_stage: (B, h, w) 1..S, the stage whose
+    head finalised each token. active_counts: (B, S) tokens each stage's layers ran on.
+    stage_presence / stage_masks: per head that ran, its presence logits (B, K, 2) and the
+    merged mask logits (B, K, h, w) up to that stage (retired tokens keep their exit head's
+    logits); used for deep supervision and per-stage evaluation.
+    """
+
+    scores: Tensor
+    exit_stage: Tensor
+    active_counts: Tensor
+    stage_presence: List[Optional[Tensor]] = field(default_factory=list)
+    stage_masks: List[Optional[Tensor]] = field(default_factory=list)

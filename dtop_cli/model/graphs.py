@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import exits as X
+from .exits import DToPOutput
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ class _State:
 
     def output(self):
         """A DToPOutput of copies: the buffers are overwritten by the next forward."""
-        from .segmentor import DToPOutput
-
         B, (gh, gw) = self.B, self.grid
         return DToPOutput(
             self.scores.clone().view(B, -1, gh, gw),
@@ -94,10 +93,10 @@ class _State:
 def stage_body(model, st: _State, s: int, width: int, padded: bool, threshold: float, keep_topk: int) -> None:
     """Stage s of a pruned forward on the first `width` slots of the buffers, in place.
 
-    The same computation as the eager forward (``DToPSegmentor._forward_eager``) for this
-    stage, written without any host read so that it can be captured: it always compacts
-    (a stable sort that keeps the order when nothing leaves) and reports the new counts in
-    ``st.stats[s]`` instead of branching on them.
+    The eager forward's stage (``DToPSegmentor._forward_eager``): the same layers, head,
+    exit rule (``leaving_tokens``) and compaction (``exits.compact``), without the host
+    read, so that it can be captured: it always compacts (the order is kept when nothing
+    leaves) and reports the new counts in ``st.stats[s]`` instead of branching on them.
     """
     S = st.S
     if s == 0:
@@ -120,23 +119,15 @@ def stage_body(model, st: _State, s: int, width: int, padded: bool, threshold: f
     if s == S - 1:
         st.scores.copy_(X.token_scores(presence, merged))
         return
-    if st.forced is not None:
-        leaving = st.forced[s].gather(1, pos)
-        leaving = leaving if valid is None else leaving & valid
-    else:
-        leaving = X.exit_decision(X.token_scores(presence, masks), threshold, keep_topk, valid)
-    active = ~leaving if valid is None else valid & ~leaving
-    # an image keeps at least one token (slot 0 is always real): heads need a key
-    leaving[:, 0] &= active.any(1)
-    active = ~leaving if valid is None else valid & ~leaving
-    counts = active.sum(1)
-    st.exit_stage.scatter_(1, pos, torch.where(leaving, s + 1, st.exit_stage.gather(1, pos)))
-    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
-    st.x[:, : y.shape[1]].copy_(X.gather_tokens(y, order))
-    st.pos[:, : y.shape[1]].copy_(pos.gather(1, order))
-    st.valid[:, : y.shape[1]].copy_(torch.arange(y.shape[1], device=y.device) < counts[:, None])
-    st.counts[:, s + 1].copy_(counts)
-    st.stats[s].copy_(torch.stack([counts.max(), counts.min(), leaving.sum()]))
+    leaving = model.leaving_tokens(s, presence, masks, valid, pos, st.forced)
+    c = X.compact(leaving, valid)  # the eager path's compaction, without its host read
+    X.mark_exits(st.exit_stage, c.leaving, pos, s + 1)
+    width = y.shape[1]
+    st.x[:, :width].copy_(X.gather_tokens(y, c.order))
+    st.pos[:, :width].copy_(pos.gather(1, c.order))
+    st.valid[:, :width].copy_(X.slot_valid(c.counts, width))
+    st.counts[:, s + 1].copy_(c.counts)
+    st.stats[s].copy_(c.stats())
 
 
 class StageGraphRunner:
@@ -238,8 +229,6 @@ class StageGraphRunner:
         img, graph, out = entry
         img.copy_(inputs)
         graph.replay()
-        from .segmentor import DToPOutput
-
         def copy(t):
             return None if t is None else t.clone()
 

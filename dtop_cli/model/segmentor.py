@@ -13,8 +13,8 @@ gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+import contextlib
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,24 +25,8 @@ from mmseg.registry import MODELS
 from torch import Tensor
 
 from . import exits as X
-
-
-@dataclass
-class DToPOutput:
-    """Everything one batched forward produced.
-
-    scores: (B, K, h, w) final class scores. exit_stage: (B, h, w) 1..S, the stage whose
-    head finalised each token. active_counts: (B, S) tokens each stage's layers ran on.
-    stage_presence / stage_masks: per head that ran, its presence logits (B, K, 2) and the
-    merged mask logits (B, K, h, w) up to that stage (retired tokens keep their exit head's
-    logits); used for deep supervision and per-stage evaluation.
-    """
-
-    scores: Tensor
-    exit_stage: Tensor
-    active_counts: Tensor
-    stage_presence: List[Optional[Tensor]] = field(default_factory=list)
-    stage_masks: List[Optional[Tensor]] = field(default_factory=list)
+from .exits import DToPOutput
+from .graphs import StageGraphRunner
 
 
 @MODELS.register_module()
@@ -122,19 +106,11 @@ class DToPSegmentor(EncoderDecoder):
             if last or not prune:
                 continue
             with torch.no_grad():
-                if forced_exits is not None:
-                    leaving = forced_exits[s].to(x.device)
-                    leaving = leaving if pos is None else leaving.gather(1, pos)
-                    leaving = leaving if valid is None else leaving & valid
-                else:
-                    leaving = X.exit_decision(X.token_scores(presence, masks), self.threshold, self.keep_topk, valid)
-                plan = X.exit_plan(leaving, valid)  # the one host sync of a stage
+                leaving = self.leaving_tokens(s, presence, masks, valid, pos, forced_exits)
+                plan = X.exit_plan(leaving, valid)  # the one host read of a stage
                 if plan is None:
                     continue
-                if pos is None:  # slots are still the token positions
-                    exit_stage.masked_fill_(plan.leaving, s + 1)
-                else:
-                    exit_stage.scatter_(1, pos, torch.where(plan.leaving, s + 1, exit_stage.gather(1, pos)))
+                X.mark_exits(exit_stage, plan.leaving, pos, s + 1)
                 valid = plan.valid
                 pos = plan.idx if pos is None else X.gather_tokens(pos, plan.idx)
                 running = plan.counts
@@ -145,6 +121,36 @@ class DToPSegmentor(EncoderDecoder):
         scores = X.token_scores(presence, merged).view(B, -1, gh, gw)
         return DToPOutput(scores, exit_stage.view(B, gh, gw), counts, stage_presence, stage_masks)
 
+    def leaving_tokens(self, s: int, presence: Tensor, masks: Tensor, valid: Optional[Tensor],
+                       pos: Optional[Tensor], forced_exits: Optional[List[Tensor]]) -> Tensor:
+        """(B, L) slots whose token leaves after stage s (padding never leaves): the exit rule
+        at the model's threshold, or the forced masks (by grid position) of a benchmark."""
+        if forced_exits is not None:
+            leaving = forced_exits[s].to(masks.device)
+            leaving = leaving if pos is None else leaving.gather(1, pos)
+            return leaving if valid is None else leaving & valid
+        return X.exit_decision(X.token_scores(presence, masks), self.threshold, self.keep_topk, valid)
+
+    @contextlib.contextmanager
+    def exit_mode(self, threshold: Optional[float] = None, stage: Optional[int] = None) -> Iterator[None]:
+        """Inference settings for the duration of a ``with`` block, restored afterwards.
+
+        threshold: evaluate at this exit threshold instead of the model's own. stage (1..S):
+        output that head's own prediction (per-stage mIoU); None keeps the final one. The
+        only place outside the constructor that changes these attributes.
+        """
+        saved = (self.threshold, self.eval_stage)
+        try:
+            if threshold is not None:
+                self.threshold = float(threshold)
+            if stage is not None:
+                if not 1 <= int(stage) <= self.num_stages:
+                    raise ValueError(f"stage must be in 1..{self.num_stages}, got {stage}")
+                self.eval_stage = int(stage)
+            yield
+        finally:
+            self.threshold, self.eval_stage = saved
+
     def enable_cuda_graphs(self, bucket: int = 16, capture: bool = True) -> None:
         """Replay inference as CUDA graphs (one per stage and padded width; the dense model
         as one graph). For the launch-bound case: small models or batches on a GPU.
@@ -154,8 +160,6 @@ class DToPSegmentor(EncoderDecoder):
         without graphs (any device; used by the tests). Only inference without gradients
         and without ``eval_stage`` uses it; everything else runs eagerly.
         """
-        from .graphs import StageGraphRunner
-
         self.graph_runner = StageGraphRunner(bucket=bucket, capture=capture)
 
     def disable_cuda_graphs(self) -> None:

@@ -1,4 +1,4 @@
-"""FLOPs of DToP counted the way the paper counts them: traced once, or in closed form.
+"""The FLOP counter: DToP counted the way the paper counts it, traced once or in closed form.
 
 The convention (reference: method.md, "Results to reproduce") is fvcore's, through its port
 in ``mmengine.analysis``: one multiply-add is one FLOP; linear layers, matmuls and the patch
@@ -27,16 +27,11 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .errors import UserError
-from .presets import Preset, load_preset
 
 GIGA = 1e9
 
@@ -281,263 +276,14 @@ def gflops_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[i
     return cost_from_counts(model, hw, counts, out_hw, aux_heads).total / GIGA
 
 
-def windows_gflops(model: nn.Module, windows: Sequence[tuple[int, int, Sequence[int]]]) -> float:
-    """GFLOPs one image cost under the test protocol: the sum over the forward windows
-    (h, w in pixels, active counts per stage) it was run on (``metainfo['dtop_windows']``)."""
+def protocol_gflops(model: nn.Module, windows: Sequence[tuple[int, int, Sequence[int]]]) -> float:
+    """GFLOPs one image cost under the test protocol (``gflops_protocol``): the sum over the
+    forward windows (h, w in pixels, active counts per stage) it was run on
+    (``metainfo['dtop_windows']``). Not the paper's convention, which counts one crop-size
+    window (see :mod:`dtop_cli.measure`); on slide-mode presets the two differ about twofold."""
     ps = model.backbone.patch_size
     total = 0.0
     for h, w, counts in windows:
         hw = (-(-int(h) // ps), -(-int(w) // ps))
         total += cost_from_counts(model, hw, counts, out_hw=(int(h), int(w))).total
     return total / GIGA
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def _as_preset(preset: str | Path | Preset) -> Preset:
-    return preset if isinstance(preset, Preset) else load_preset(str(preset))
-
-
-def _check_shape(p: Preset, shape: Sequence[int] | None) -> tuple[int, int]:
-    if shape is None:
-        return int(p.data.crop[0]), int(p.data.crop[1])
-    if len(shape) != 2 or any(int(s) < 1 for s in shape):
-        raise UserError(f"--shape takes two positive integers H W (got {' '.join(map(str, shape))})")
-    return int(shape[0]), int(shape[1])
-
-
-def _check_threshold(threshold: float) -> float:
-    if not 0.0 < float(threshold) <= 1.0:
-        raise UserError(f"--thresh must be in (0, 1] (got {threshold})")
-    return float(threshold)
-
-
-def _paper_gflops(p: Preset, threshold: float, shape: tuple[int, int], dynamic: bool) -> float | None:
-    """The paper's number this measurement is comparable with, if any: the base GFLOPs at
-    threshold 1.0, the pruned average only for a dataset run at the preset's threshold;
-    crop size only."""
-    if p.paper is None or tuple(shape) != tuple(p.data.crop):
-        return None
-    if threshold >= 1.0:
-        return float(p.paper.base_gflops)
-    return float(p.paper.pruned_gflops) if dynamic and threshold == p.exit.threshold else None
-
-
-@contextlib.contextmanager
-def _skip_weight_init() -> Iterator[None]:
-    """Build a model without drawing random weights: the count only depends on shapes and
-    a ViT-L's random init costs ~20 s on 2 cores. Weights are zeroed afterwards."""
-    names = ("trunc_normal_", "normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_",
-             "xavier_uniform_", "xavier_normal_", "ones_", "zeros_", "constant_")
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda t, *a, **k: t)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(nn.init, n, fn)
-
-
-def static_gflops(preset: str | Path | Preset, shape: Sequence[int] | None = None,
-                  threshold: float = 1.0) -> dict:
-    """Cost of one image at crop size (or ``shape``) with nothing exiting; no checkpoint.
-
-    threshold 1.0 (default) is the base model: the paper's base GFLOPs. A threshold < 1
-    counts a pruned model on an image where no token happens to exit (the auxiliary heads
-    run on all tokens): the most a pruned model can cost. Traced once with zero weights.
-    """
-    from .model.build import build_model
-
-    p = _as_preset(preset)
-    H, W = _check_shape(p, shape)
-    thr = _check_threshold(threshold)
-    with _skip_weight_init():
-        model = build_model(p, threshold=thr)
-    with torch.no_grad():
-        for t in model.parameters():
-            t.zero_()
-    model.eval()
-    ps = model.backbone.patch_size
-    gh, gw = -(-H // ps), -(-W // ps)
-    S = model.num_stages
-    forced = None if thr >= 1.0 else [torch.zeros(1, gh * gw, dtype=torch.bool) for _ in range(S - 1)]
-    br = trace_flops(model, torch.zeros(1, 3, H, W), forced)
-    return {
-        "preset": p.name,
-        "mode": "static",
-        "gflops": br.total / GIGA,
-        "images": 1,
-        "exit_share": [0.0] * (S - 1) + [1.0],
-        "breakdown": br.gflops(),
-        "threshold": thr,
-        "shape": [H, W],
-        "tokens": gh * gw,
-        "paper_gflops": _paper_gflops(p, thr, (H, W), dynamic=False),
-    }
-
-
-def val_image_paths(preset: Preset, data_root: str | Path) -> list[str]:
-    """The validation images the preset's dataset holds, in the dataset's own order."""
-    from mmengine.registry import DefaultScope
-    from mmseg.registry import DATASETS
-    from mmseg.utils import register_all_modules
-
-    from .engine import dataset_config, dataset_root
-
-    img_dir = dataset_root(preset, data_root) / preset.data.val_split.img
-    if not img_dir.is_dir():
-        raise UserError(f"no validation images: {img_dir} does not exist "
-                        f"(prepare the dataset with `dtop prepare`, or pass --data-root)")
-    register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope("mmseg"):
-        try:
-            ds = DATASETS.build(dataset_config(preset, Path(data_root), "val", []))
-        except (FileNotFoundError, OSError) as e:
-            raise UserError(f"cannot read the validation split under {img_dir.parent}: {e}") from e
-    return [ds.get_data_info(i)["img_path"] for i in range(len(ds))]
-
-
-def crop_window(img, crop: tuple[int, int]):
-    """The central crop-size window of an image (smaller sides are kept whole)."""
-    h, w = img.shape[:2]
-    ch, cw = min(crop[0], h), min(crop[1], w)
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    return img[y0:y0 + ch, x0:x0 + cw]
-
-
-def _model_input(model: nn.Module, window, size: tuple[int, int]) -> Tensor:
-    """uint8 BGR window -> normalised (1, 3, H, W) on the model's device, padded
-    bottom/right to ``size`` with the preprocessor's pad value (as mmseg pads)."""
-    t = torch.from_numpy(window.copy()).permute(2, 0, 1).contiguous()
-    pre = model.data_preprocessor
-    x = pre({"inputs": [t]}, training=False)["inputs"]
-    h, w = x.shape[-2:]
-    if (h, w) != tuple(size):
-        x = F.pad(x, (0, size[1] - w, 0, size[0] - h), value=float(getattr(pre, "pad_val", 0)))
-    return x
-
-
-def _stage_exits(counts: Sequence[int]) -> list[int]:
-    """Tokens finalised by each stage: those that ran stage s but not stage s+1."""
-    c = [int(v) for v in counts]
-    return [a - b for a, b in pairwise(c)] + [c[-1]]
-
-
-@torch.no_grad()
-def dataset_gflops(model: nn.Module, preset: str | Path | Preset, data_root: str | Path,
-                   images: int | None = None, threshold: float | None = None, progress: bool = True,
-                   shape: Sequence[int] | None = None) -> dict:
-    """Dynamic cost of ``model`` over validation images: average GFLOPs per image and the
-    share of tokens each stage finalised (sums to 1).
-
-    Each image is measured the way the paper counts: one crop-size image, no sliding
-    window. The image is first resized as the test pipeline resizes it (keep ratio to the
-    preset's test scale, so objects have the size the model is tested at), then its
-    central crop-size window is taken (padded if the resized image is smaller). Resizing
-    straight to the crop would squash the image and change which tokens are easy, i.e.
-    the very thing being measured. One ordinary forward per image gives its active token
-    counts; the closed form (:func:`cost_from_counts`, equal to the trace by test) turns
-    them into FLOPs, counting only each image's own active tokens.
-
-    images: the first N images in dataset order (default all). threshold: evaluate at this
-    threshold instead of the model's (restored afterwards).
-    """
-    import mmcv
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    p = _as_preset(preset)
-    size = _check_shape(p, shape)
-    if images is not None and images < 1:
-        raise UserError(f"--images must be a positive integer (got {images})")
-    paths = val_image_paths(p, data_root)
-    if not paths:
-        raise UserError(f"no validation images found for preset {p.name} under {data_root}")
-    paths = paths[:images] if images is not None else paths
-    S = model.num_stages
-    old_threshold = model.threshold
-    total = FlopBreakdown(0.0, 0.0, 0.0)
-    exited = [0] * S
-    bar = Progress(TextColumn("[bold]flops[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not progress)
-    with _eval_mode(model), bar:
-        try:
-            if threshold is not None:
-                model.threshold = _check_threshold(threshold)
-            task = bar.add_task(p.name, total=len(paths))
-            for path in paths:
-                img = mmcv.imread(path)
-                if img is None:
-                    raise UserError(f"cannot read image {path}")
-                img = mmcv.imrescale(img, tuple(p.data.test_scale), interpolation="bilinear", backend="cv2")
-                x = _model_input(model, crop_window(img, size), size)
-                out = model.forward_dtop(x)
-                counts = out.active_counts[0].tolist()
-                total = total + cost_from_counts(model, tuple(out.exit_stage.shape[-2:]), counts, out_hw=size,
-                                                 aux_heads=out.stage_presence[0] is not None)
-                exited = [a + b for a, b in zip(exited, _stage_exits(counts))]
-                bar.advance(task)
-        finally:
-            thr = float(model.threshold)
-            model.threshold = old_threshold
-    n = len(paths)
-    avg = total.scaled(1.0 / n)
-    tokens = sum(exited)
-    return {
-        "preset": p.name,
-        "mode": "dataset",
-        "gflops": avg.total / GIGA,
-        "images": n,
-        "exit_share": [e / tokens for e in exited],
-        "breakdown": avg.gflops(),
-        "threshold": thr,
-        "shape": list(size),
-        "tokens": tokens // n,
-        "paper_gflops": _paper_gflops(p, thr, size, dynamic=True),
-    }
-
-
-def flops_report(preset: str, ckpt: str | Path | None = None, threshold: float | None = None,
-                 images: int | None = None, shape: Sequence[int] | None = None,
-                 data_root: str | Path = "data", overrides: list[str] | None = None,
-                 device: str | None = None, progress: bool = True) -> dict:
-    """What `dtop flops` reports. Without a checkpoint: one crop-size image, nothing exits
-    (static, threshold 1.0 unless given). With one: the dynamic average over the
-    validation images (the first ``images`` of them)."""
-    p = load_preset(preset, overrides)
-    if ckpt is None:
-        if images is not None:
-            raise UserError("--images needs --ckpt: which tokens exit depends on trained weights")
-        return static_gflops(p, shape, threshold=1.0 if threshold is None else threshold)
-    from . import api
-
-    if threshold is not None:
-        _check_threshold(threshold)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = api.load_model(p, ckpt, threshold=threshold, device=device)
-    return dataset_gflops(model, p, data_root, images=images, progress=progress, shape=shape)
-
-
-def flops_table(result: dict):
-    """Rich table of a flops report: breakdown, exit shares and the paper's number."""
-    from rich.table import Table
-
-    g = result["gflops"]
-    title = (f"dtop flops {result['preset']}: {result['mode']}, {result['images']} image(s) at "
-             f"{result['shape'][0]}x{result['shape'][1]}, threshold {result['threshold']:g}")
-    t = Table(title=title)
-    t.add_column("part")
-    t.add_column("GFLOPs", justify="right")
-    t.add_column("share", justify="right")
-    for part, v in result["breakdown"].items():
-        t.add_row(part, f"{v:.3f}", f"{100 * v / g:.1f}%" if g else "-")
-    t.add_row("[bold]total[/]", f"[bold]{g:.3f}[/]", "100.0%")
-    paper = result.get("paper_gflops")
-    if paper:
-        t.add_row("paper", f"{paper:.1f}", f"{100 * (g - paper) / paper:+.2f}%")
-    for s, share in enumerate(result["exit_share"], start=1):
-        t.add_row(f"tokens finalised by stage {s}", "", f"{100 * share:.1f}%")
-    return t

@@ -18,14 +18,13 @@ classes). The classifiers are thrown away; only the backbone is kept.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import UserError
-from .presets import Preset
+from ..errors import UserError
+from ..fsutil import atomic_save
+from ..presets import Preset
 
 
 def _load_split(root: Path, img_dir: str, ann_dir: str, reduce_zero_label: bool) -> tuple[Any, Any]:
@@ -72,9 +71,9 @@ def pretrain_backbone(
     import torch
     import torch.nn.functional as F
 
-    from .engine import dataset_root
-    from .model.build import model_config
-    from .model.vit import DToPViT
+    from ..data.mmseg import dataset_root
+    from ..model.build import model_config
+    from ..model.vit import DToPViT
 
     if iters < 1:
         raise UserError(f"pretraining needs at least one iteration (got {iters})")
@@ -130,15 +129,8 @@ def pretrain_backbone(
             console.print(f"  pretrain {it + 1}/{iters}  loss {float(loss.detach()):.3f}  pixel acc {acc:.3f}")
     state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save({"state_dict": state, "meta": {"dtop": {"pretrain": "per-token classification",
-                                                           "preset": preset.name, "iters": iters}}}, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    payload = {"state_dict": state, "meta": {"dtop": {"pretrain": "per-token classification",
+                                                      "preset": preset.name, "iters": iters}}}
+    atomic_save(out, lambda f: torch.save(payload, f))
     return {"path": str(out), "iters": iters, "train_pixel_acc": round(acc, 4),
             "seconds": round(time.perf_counter() - t0, 1)}

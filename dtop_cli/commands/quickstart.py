@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .presets import load_preset
+from ..console import Progress
+from ..fsutil import atomic_write, check_work_dir
+from ..presets import load_preset
 
 PRESET = "tiny-synthetic"
 
@@ -35,8 +37,9 @@ def quickstart(
     ``pretrain_iters``/``base_iters``/``prune_iters`` shorten the schedules, ``n_train``/``n_val`` the dataset
     (for a fast smoke run; the defaults are the real demo).
     """
-    from .data.synthetic import make_synthetic
-    from .engine import _atomic_write, check_work_dir, train
+    from ..data.synthetic import make_synthetic
+    from ..runtime.config import RunOptions
+    from ..runtime.train import train
     from .evaluate import evaluate
     from .pretrain import pretrain_backbone
 
@@ -62,19 +65,22 @@ def quickstart(
                                 lr=preset.pretrain.lr, seed=seed, console=console)
     if console is not None:
         console.print("[bold]3/5[/] base training (threshold 1.0: every token runs every layer)")
-    base = train(preset, "base", data_root=data_root, work_dir=wd / "base", max_iters=base_iters,
-                 pretrained=None if pre is None else pre["path"], seed=seed, validate=False,
-                 console=console)
+    base = train(preset, RunOptions("base", data_root=data_root, work_dir=wd / "base", max_iters=base_iters,
+                                    pretrained=None if pre is None else pre["path"], seed=seed, validate=False),
+                 console)
     if console is not None:
         console.print(f"[bold]4/5[/] pruned fine-tuning (threshold {preset.exit.threshold:g})")
-    pruned = train(preset, "prune", data_root=data_root, work_dir=wd / "prune", max_iters=prune_iters,
-                   base_checkpoint=base["checkpoint"], seed=seed, validate=False, console=console)
+    pruned = train(preset, RunOptions("prune", data_root=data_root, work_dir=wd / "prune", max_iters=prune_iters,
+                                      base_checkpoint=base["checkpoint"], seed=seed, validate=False),
+                   console)
     if console is not None:
         console.print("[bold]5/5[/] evaluation of both models")
-    eb = evaluate(preset, base["checkpoint"], data_root=data_root, threshold=1.0, flops=True,
-                  stage_miou=True, console=console)
-    ep = evaluate(preset, pruned["checkpoint"], data_root=data_root, flops=True, stage_miou=False,
-                  console=console)
+    with Progress("eval base", console=console, transient=True, enabled=console is not None) as bar:
+        eb = evaluate(preset, base["checkpoint"], data_root=data_root, threshold=1.0, flops=True,
+                      stage_miou=True, progress=bar)
+    with Progress("eval pruned", console=console, transient=True, enabled=console is not None) as bar:
+        ep = evaluate(preset, pruned["checkpoint"], data_root=data_root, flops=True, stage_miou=False,
+                      progress=bar)
     summary = {
         "preset": PRESET,
         "pretrain": None if pre is None else {"iters": pre["iters"], "train_pixel_acc": pre["train_pixel_acc"],
@@ -91,5 +97,5 @@ def quickstart(
     }
     if summary["base"]["gflops"] and summary["pruned"]["gflops"]:
         summary["gflops_ratio"] = round(summary["pruned"]["gflops"] / summary["base"]["gflops"], 4)
-    _atomic_write(wd / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    atomic_write(wd / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     return summary

@@ -12,9 +12,12 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from dtop_cli import engine
+from dtop_cli.data.mmseg import pipelines
 from dtop_cli.errors import UserError
 from dtop_cli.presets import load_preset
+from dtop_cli.runtime import hooks  # noqa: F401  (registers AtomicCheckpointHook)
+from dtop_cli.runtime.checkpoints import latest_checkpoint
+from dtop_cli.runtime.config import RunOptions, build_config, schedule, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,10 +27,10 @@ def tiny():
     return load_preset("tiny-synthetic")
 
 
-def _cfg(preset, phase="base", tmp=Path("/nonexistent"), **kw):
-    kw.setdefault("world_size", 1)
-    kw.setdefault("cuda", False)
-    return engine.build_config(preset, phase, data_root=tmp / "data", work_dir=tmp / "wd", **kw)
+def _cfg(preset, phase="base", tmp=Path("/nonexistent"), *, world_size=1, cuda=False, load_from=None,
+         pretrained=None, **opts):
+    run = RunOptions(phase, data_root=tmp / "data", work_dir=tmp / "wd", **opts)
+    return build_config(preset, run, load_from=load_from, pretrained=pretrained, world_size=world_size, cuda=cuda)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -35,28 +38,28 @@ def _cfg(preset, phase="base", tmp=Path("/nonexistent"), **kw):
 
 def test_schedule_full_length_comes_from_the_preset() -> None:
     p = load_preset("segvit-base-ade")
-    s = engine.schedule(p, "base")
+    s = schedule(p, "base")
     assert (s.iters, s.warmup, s.poly_end) == (p.schedule.base.iters, p.optim.warmup_iters,
                                                 p.schedule.base.poly_iters)
-    s = engine.schedule(p, "prune")
+    s = schedule(p, "prune")
     assert (s.iters, s.poly_end) == (p.schedule.prune.iters, p.schedule.prune.poly_iters)
 
 
 def test_max_iters_scales_warmup_and_poly_horizon() -> None:
     p = load_preset("segvit-base-ade")  # base: 40k iters, poly horizon 160k, warm-up 1500
-    s = engine.schedule(p, "base", max_iters=400)
+    s = schedule(p, "base", max_iters=400)
     f = 400 / p.schedule.base.iters
     assert s.iters == 400
     assert s.warmup == round(p.optim.warmup_iters * f) == 15
     assert s.poly_end == round(p.schedule.base.poly_iters * f) == 1600
     assert s.val_interval == 400 and s.checkpoint_interval == 400  # capped at the run length
     tiny = load_preset("tiny-synthetic")
-    s = engine.schedule(tiny, "base", max_iters=3)
+    s = schedule(tiny, "base", max_iters=3)
     assert s.iters == 3 and 1 <= s.warmup <= 3 and s.poly_end > s.warmup
     with pytest.raises(UserError):
-        engine.schedule(tiny, "base", max_iters=0)
+        schedule(tiny, "base", max_iters=0)
     with pytest.raises(UserError):
-        engine.schedule(tiny, "finetune")
+        schedule(tiny, "finetune")
 
 
 # --------------------------------------------------------------------------- config values
@@ -164,7 +167,7 @@ def test_pascal_context_reads_its_image_lists(tmp_path: Path) -> None:
 
 def test_exported_config_loads_and_builds_through_mmseg(tiny, tmp_path: Path) -> None:
     cfg = _cfg(tiny, "prune", tmp=tmp_path, max_iters=40, threshold=0.85)
-    out = engine.write_config(cfg, tmp_path / "exported.py")
+    out = write_config(cfg, tmp_path / "exported.py")
     back = Config.fromfile(str(out))
     for key in ("optim_wrapper", "param_scheduler", "train_cfg", "model", "default_hooks", "work_dir"):
         assert back[key] == cfg[key], key
@@ -190,7 +193,7 @@ def test_exported_config_loads_and_builds_through_mmseg(tiny, tmp_path: Path) ->
 
 def test_write_config_refuses_other_suffixes(tiny, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=".py"):
-        engine.write_config(_cfg(tiny, tmp=tmp_path), tmp_path / "cfg.yaml")
+        write_config(_cfg(tiny, tmp=tmp_path), tmp_path / "cfg.yaml")
     assert not (tmp_path / "cfg.yaml").exists()
 
 
@@ -245,7 +248,7 @@ def test_atomic_checkpoint_hook_keeps_two_and_points_at_the_last(tmp_path: Path)
                    if p.suffix in (".pth", ".part") or p.name.startswith("."))
     assert names == ["iter_4.pth", "iter_6.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == str(tmp_path / "iter_6.pth")
-    assert engine.latest_checkpoint(tmp_path) == tmp_path / "iter_6.pth"
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_6.pth"
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path: Path, monkeypatch) -> None:
@@ -270,21 +273,19 @@ def test_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path: Path, 
 
 
 def test_latest_checkpoint_survives_a_broken_pointer(tmp_path: Path) -> None:
-    assert engine.latest_checkpoint(tmp_path) is None
+    assert latest_checkpoint(tmp_path) is None
     for n in (100, 20, 300):
         (tmp_path / f"iter_{n}.pth").write_bytes(b"x")
     (tmp_path / "last_checkpoint").write_text("")
-    assert engine.latest_checkpoint(tmp_path) == tmp_path / "iter_300.pth"
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_300.pth"
     (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_20.pth"))
-    assert engine.latest_checkpoint(tmp_path) == tmp_path / "iter_20.pth"
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_20.pth"
     (tmp_path / "last_checkpoint").write_text(str(tmp_path / "gone.pth"))
-    assert engine.latest_checkpoint(tmp_path) == tmp_path / "iter_300.pth"
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_300.pth"
 
 
 def test_paper_presets_keep_the_papers_augmentation():
     """Random rescale 0.5-2.0 and photometric distortion (method.md) for every paper preset."""
-    from dtop_cli.engine import pipelines
-
     for name in ("segvit-base-ade", "segvit-large-ade", "segvit-large-pc", "segvit-large-cocostuff"):
         train, _ = pipelines(load_preset(name))
         assert train[2]["ratio_range"] == (0.5, 2.0), name

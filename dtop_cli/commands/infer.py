@@ -25,8 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import viz
-from .errors import UserError
+from .. import viz
+from ..errors import UserError
+from ..fsutil import atomic_write, check_out_dir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 OUTPUT_KINDS = ("labels", "overlay", "exits", "panel")
@@ -135,11 +136,9 @@ def run_infer(
     on_result(record) is called as soon as each image is done (the CLI streams JSON lines),
     on_skip(name, why) for every input that could not be used.
     """
-    from . import api
+    from .. import api
 
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
+    out_dir = check_out_dir(out_dir)
     found = find_images(images, exclude=out_dir if out_dir.is_dir() else None)
     skipped: list[dict] = []
 
@@ -176,7 +175,7 @@ def run_infer(
         outputs = {}
         for kind, data in render(model, image, pred, title).items():
             target = out_dir / f"{stem}_{kind}.png"
-            viz.write_atomic(target, data)
+            atomic_write(target, data)
             outputs[kind] = str(target)
         record = {
             "image": str(path),
@@ -184,6 +183,7 @@ def run_infer(
             "width": int(image.shape[1]),
             "threshold": float(model.threshold),
             "gflops": None if pred.gflops is None else float(pred.gflops),
+            "gflops_protocol": float(pred.gflops_protocol),
             "exit_share": [float(s) for s in pred.exit_share],
             "tokens": [int(n) for n in pred.exit_stage.shape],
             "outputs": outputs,

@@ -35,13 +35,16 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from ..errors import UserError
+from ..metrics import token_shares
+from ..presets import check_threshold
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_SEED = 0  # positions of forced exits: fixed, so runs and machines compare
@@ -189,142 +192,128 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
 # --------------------------------------------------------------------------- inputs
 
 
-def _image_files(preset, data_root: Union[str, Path]) -> List[Path]:
-    from .engine import dataset_root
-
-    img_dir = dataset_root(preset, data_root) / preset.data.val_split.img
-    if not img_dir.is_dir():
-        raise UserError(f"no validation images: {img_dir} does not exist (prepare the dataset with "
-                        f"`dtop prepare`, or pass another --data-root)")
-    files = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    if not files:
-        raise UserError(f"no images (.jpg/.png) under {img_dir}")
-    return files
-
-
 def image_batch(model, preset, data_root: Union[str, Path], batch: int) -> Tensor:
-    """The first `batch` validation images (repeated if there are fewer) as the model sees
-    them at crop size: resized as the test pipeline resizes (keep ratio to the test
-    scale), central crop-size window, normalised, padded bottom/right with 0."""
-    import mmcv
-    import torch.nn.functional as F
+    """The first `batch` validation images (repeated if there are fewer), each as the paper's
+    cost convention sees it (:func:`~dtop_cli.data.mmseg.paper_window`): resized as the test
+    pipeline resizes, central crop-size window, normalised, padded to the crop size."""
+    from ..data.mmseg import paper_window, read_test_image, val_image_paths
 
-    files = _image_files(preset, data_root)
-    H, W = (int(v) for v in preset.data.crop)
-    pre = model.data_preprocessor
-    out = []
-    for i in range(batch):
-        img = mmcv.imread(str(files[i % len(files)]))
-        if img is None:
-            raise UserError(f"cannot read image {files[i % len(files)]}")
-        img = mmcv.imrescale(img, tuple(preset.data.test_scale), interpolation="bilinear", backend="cv2")
-        h, w = img.shape[:2]
-        ch, cw = min(H, h), min(W, w)
-        y0, x0 = (h - ch) // 2, (w - cw) // 2
-        t = torch.from_numpy(img[y0:y0 + ch, x0:x0 + cw].copy()).permute(2, 0, 1).contiguous()
-        x = pre(dict(inputs=[t.to(pre.mean.device)]), training=False)["inputs"]
-        out.append(F.pad(x, (0, W - cw, 0, H - ch), value=0.0))
-    return torch.cat(out)
+    files = val_image_paths(preset, data_root, images=batch)
+    crop = (int(preset.data.crop[0]), int(preset.data.crop[1]))
+    return torch.cat([paper_window(model, read_test_image(preset, files[i % len(files)]), crop)
+                      for i in range(batch)])
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def _gflops_from_counts():
-    """The project's FLOP counter (closed form, equal to the traced count by its tests)."""
-    from .flops import gflops_from_counts
+@dataclass(frozen=True)
+class BenchOptions:
+    """Everything `dtop bench` takes, checked once (:meth:`checked`) before any work."""
 
-    return gflops_from_counts
+    preset: str
+    device: str = "cpu"
+    batch: int = 1
+    dtype: str = "fp32"
+    exits: Optional[str] = None
+    ckpt: Optional[Union[str, Path]] = None
+    thresh: Optional[float] = None
+    repeats: int = 10
+    warmup: int = 2
+    data_root: Optional[Union[str, Path]] = None
+    threads: Optional[int] = None
+    graphs: str = "auto"
+    bucket: int = 16
+    memory: bool = True
+    seed: int = 0
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    def checked(self) -> "BenchOptions":
+        """Self, after every check that needs no model; raises UserError with one line."""
+        if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
+            raise UserError("--batch and --repeats must be >= 1, --warmup >= 0")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got '{self.dtype}')")
+        if self.graphs not in ("auto", "on", "off"):
+            raise UserError(f"--graphs must be auto, on or off (got '{self.graphs}')")
+        if self.bucket < 1:
+            raise UserError(f"--bucket must be >= 1 (got {self.bucket})")
+        if self.exits is None and self.ckpt is None:
+            raise UserError("give --exits F1,F2 (forced exit shares, any weights) or --ckpt CKPT (the real exit rule)")
+        if self.thresh is not None and self.exits is not None:
+            raise UserError("--thresh sets the real exit rule; it does not combine with --exits")
+        if self.thresh is not None:
+            check_threshold(self.thresh)
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1 (got {self.threads})")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"--device must be cpu or cuda (got '{self.device}')")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available to this torch")
+        if self.graphs == "on" and self.device != "cuda":
+            raise UserError("--graphs on needs --device cuda (CUDA graphs)")
+        return self
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.graphs == "on" or (self.graphs == "auto" and self.device == "cuda")
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda (got '{device}')")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available to this torch")
-    return torch.device(device)
-
-
-def run_bench(preset: str, *, device: str = "cpu", batch: int = 1, dtype: str = "fp32",
-              exits: Optional[str] = None, ckpt: Optional[Union[str, Path]] = None,
-              thresh: Optional[float] = None, repeats: int = 10, warmup: int = 2,
-              data_root: Optional[Union[str, Path]] = None, threads: Optional[int] = None,
-              graphs: str = "auto", bucket: int = 16, memory: bool = True, seed: int = 0,
-              overrides: Optional[List[str]] = None, model=None,
-              log: Callable[[str], None] = lambda msg: None) -> dict:
+def run_bench(opts: BenchOptions, model=None, log: Callable[[str], None] = lambda msg: None) -> dict:
     """What `dtop bench` reports (see the module doc). `model`: reuse a built model of
     this preset (scripts timing several settings); it is cast and moved in place."""
-    from .presets import load_preset
+    from ..cost import gflops_from_counts
+    from ..presets import load_preset
 
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise UserError("--batch and --repeats must be >= 1, --warmup >= 0")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
-    if graphs not in ("auto", "on", "off"):
-        raise UserError(f"--graphs must be auto, on or off (got '{graphs}')")
-    if bucket < 1:
-        raise UserError(f"--bucket must be >= 1 (got {bucket})")
-    if exits is None and ckpt is None:
-        raise UserError("give --exits F1,F2 (forced exit shares, any weights) or --ckpt CKPT (the real exit rule)")
-    if thresh is not None and exits is not None:
-        raise UserError("--thresh sets the real exit rule; it does not combine with --exits")
-    if thresh is not None and not 0.0 < thresh <= 1.0:
-        raise UserError(f"--thresh must be in (0, 1] (got {thresh})")
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1 (got {threads})")
-        torch.set_num_threads(threads)
-    dev = _resolve_device(device)
-    use_graphs = graphs == "on" or (graphs == "auto" and dev.type == "cuda")
-    if use_graphs and dev.type != "cuda":
-        raise UserError("--graphs on needs --device cuda (CUDA graphs)")
-    p = load_preset(preset, overrides)
+    opts = opts.checked()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    dev = torch.device(opts.device)
+    p = load_preset(opts.preset, list(opts.overrides))
 
     if model is None:
         log(f"building {p.name}")
-        if ckpt is not None:
-            from . import api
+        if opts.ckpt is not None:
+            from .. import api
 
-            model = api.load_model(p, ckpt, threshold=thresh)
+            model = api.load_model(p, opts.ckpt, threshold=opts.thresh)
         else:
-            from .model.build import build_model
+            from ..model.build import build_model
 
-            torch.manual_seed(seed)
+            torch.manual_seed(opts.seed)
             model = build_model(p)
-    elif thresh is not None:
-        model.threshold = float(thresh)
-    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
+            model.dtop_preset = p
+    model = model.to(device=dev, dtype=DTYPES[opts.dtype]).eval()
     model.disable_cuda_graphs()
-    pruned_threshold = float(model.threshold)
-    if exits is None and pruned_threshold >= 1.0:
+    pruned_threshold = float(model.threshold if opts.thresh is None else opts.thresh)
+    if opts.exits is None and pruned_threshold >= 1.0:
         raise UserError("the checkpoint's threshold is 1.0 (nothing exits): pass --thresh T < 1 or --exits")
 
+    batch = opts.batch
     H, W = (int(v) for v in p.data.crop)
-    if data_root is not None:
+    if opts.data_root is not None:
         log(f"reading {batch} validation image(s)")
-        x = image_batch(model, p, data_root, batch)
+        x = image_batch(model, p, opts.data_root, batch)
         inputs_kind = "images"
     else:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(opts.seed)
         x = torch.randn(batch, 3, H, W, generator=g)
         inputs_kind = "random"
-    x = x.to(device=dev, dtype=DTYPES[dtype])
+    x = x.to(device=dev, dtype=DTYPES[opts.dtype])
     ps = model.backbone.patch_size
     grid = (-(-H // ps), -(-W // ps))
     N = grid[0] * grid[1]
     S = model.num_stages
-    shares = parse_exits(exits, S - 1) if exits is not None else None
+    shares = parse_exits(opts.exits, S - 1) if opts.exits is not None else None
     masks = forced_exit_masks(batch, N, shares, device=dev) if shares is not None else None
 
     def dense() -> object:
-        model.threshold = 1.0
-        try:
+        with model.exit_mode(threshold=1.0):
             return model.forward_dtop(x)
-        finally:
-            model.threshold = pruned_threshold
 
     def pruned() -> object:
-        return model.forward_dtop(x, forced_exits=masks)
+        with model.exit_mode(threshold=pruned_threshold):
+            return model.forward_dtop(x, forced_exits=masks)
 
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     with torch.no_grad():
@@ -335,27 +324,26 @@ def run_bench(preset: str, *, device: str = "cpu", batch: int = 1, dtype: str = 
             expected = stage_counts(N, shares)
             if out.active_counts.tolist() != [expected] * batch:
                 raise RuntimeError(f"forced exits ran {out.active_counts.tolist()}, expected {expected} per image")
-        gflops = _gflops_from_counts()
-        dense_gflops = gflops(model, grid, [N] * S, out_hw=(H, W), aux_heads=False)
-        pruned_gflops = statistics.fmean(gflops(model, grid, c, out_hw=(H, W), aux_heads=True)
+        dense_gflops = gflops_from_counts(model, grid, [N] * S, out_hw=(H, W), aux_heads=False)
+        pruned_gflops = statistics.fmean(gflops_from_counts(model, grid, c, out_hw=(H, W), aux_heads=True)
                                          for c in out.active_counts.tolist())
         mean_counts = counts.mean(0).tolist()
         ideal = ideal_ratio(model, mean_counts)
-        exit_share = [float((out.exit_stage == s + 1).float().mean()) for s in range(S)]
+        exit_share, _ = token_shares(counts.sum(0).tolist())
         del out
 
         peaks: Dict[str, Optional[int]] = {"dense": None, "pruned": None}
-        if memory:
+        if opts.memory:
             log("measuring peak memory")
             for name, fn in (("dense", dense), ("pruned", pruned)):
                 fn()  # allocator warm
                 peaks[name] = peak_memory_bytes(fn, dev)
 
-        if use_graphs:
-            model.enable_cuda_graphs(bucket=bucket)
-        log(f"timing: {warmup} warm-up + {repeats} timed rounds, interleaved")
+        if opts.use_graphs:
+            model.enable_cuda_graphs(bucket=opts.bucket)
+        log(f"timing: {opts.warmup} warm-up + {opts.repeats} timed rounds, interleaved")
         try:
-            times = time_interleaved({"dense": dense, "pruned": pruned}, repeats, warmup, sync)
+            times = time_interleaved({"dense": dense, "pruned": pruned}, opts.repeats, opts.warmup, sync)
         finally:
             captured = model.graph_runner.captured if model.graph_runner is not None else 0
             model.disable_cuda_graphs()
@@ -379,7 +367,7 @@ def run_bench(preset: str, *, device: str = "cpu", batch: int = 1, dtype: str = 
         "inputs": inputs_kind,
         "device": dev.type,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "dtype": dtype,
+        "dtype": opts.dtype,
         "batch": batch,
         "shape": [H, W],
         "tokens": N,
@@ -396,40 +384,14 @@ def run_bench(preset: str, *, device: str = "cpu", batch: int = 1, dtype: str = 
         "speedup_over_flop_ratio": speedup / flop_ratio,
         "dense_peak_mb": mb(peaks["dense"]),
         "pruned_peak_mb": mb(peaks["pruned"]),
-        "memory_measure": MEMORY_MEASURE[dev.type] if memory else None,
-        "graphs": use_graphs,
+        "memory_measure": MEMORY_MEASURE[dev.type] if opts.memory else None,
+        "graphs": opts.use_graphs,
         "graphs_captured": captured,
-        "bucket": bucket if use_graphs else None,
-        "repeats": repeats,
-        "warmup": warmup,
+        "bucket": opts.bucket if opts.use_graphs else None,
+        "repeats": opts.repeats,
+        "warmup": opts.warmup,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dense_runs_ms": [t * 1e3 for t in times["dense"]],
         "pruned_runs_ms": [t * 1e3 for t in times["pruned"]],
     }
-
-
-def bench_table(r: dict):
-    """Rich table of a bench result: times, ratios, memory."""
-    from rich.table import Table
-
-    what = (f"exits {','.join(f'{f:g}' for f in r['exits'])}" if r["mode"] == "forced"
-            else f"threshold {r['threshold']:g}")
-    t = Table(title=f"dtop bench {r['preset']}: {r['device_name']}, {r['dtype']}, batch {r['batch']}, "
-                    f"{r['shape'][0]}x{r['shape'][1]}, {what}, {r['inputs']} inputs"
-                    f"{', CUDA graphs' if r['graphs'] else ''}")
-    t.add_column("")
-    t.add_column("dense", justify="right")
-    t.add_column("pruned", justify="right")
-    t.add_column("dense / pruned", justify="right")
-    t.add_row("median ms", f"{r['dense_ms']:.2f}", f"{r['pruned_ms']:.2f}", f"[bold]{r['speedup']:.3f}x[/]")
-    t.add_row("GFLOPs / image", f"{r['dense_gflops']:.2f}", f"{r['pruned_gflops']:.2f}", f"{r['flop_ratio']:.3f}x")
-    t.add_row("tokens per stage", " / ".join([str(r["tokens"])] * len(r["active_counts"])),
-              " / ".join(f"{c:g}" for c in r["active_counts"]), f"ideal {r['ideal_ratio']:.3f}x")
-    if r["dense_peak_mb"] is not None:
-        ratio = f"{r['dense_peak_mb'] / r['pruned_peak_mb']:.3f}x" if r["pruned_peak_mb"] else "-"
-        t.add_row("peak MB", f"{r['dense_peak_mb']:.1f}", f"{r['pruned_peak_mb']:.1f}", ratio)
-    t.caption = (f"speed-up / FLOP ratio = {r['speedup_over_flop_ratio']:.3f}; median of per-round ratios "
-                 f"{r['speedup_paired']:.3f}x; medians of {r['repeats']} interleaved runs after {r['warmup']} "
-                 f"warm-up, {r['threads']} thread(s)")
-    return t

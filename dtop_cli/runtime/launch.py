@@ -1,0 +1,47 @@
+"""Several training processes on one or more machines, through torch's own launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Any, Optional
+
+from ..errors import UserError
+
+
+def torchrun_command(child_args: list[str], *, gpus: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: Optional[str] = None, master_port: Optional[int] = None) -> list[str]:
+    """The command that starts ``gpus`` processes per node running ``dtop <child_args>`` through
+    torch's own launcher (torch.distributed.run, i.e. torchrun)."""
+    if gpus < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UserError(f"bad process layout: --gpus {gpus} --nnodes {nnodes} --node-rank {node_rank}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", f"--nnodes={nnodes}",
+           f"--node_rank={node_rank}"]
+    if master_addr:
+        cmd.append(f"--master_addr={master_addr}")
+    if master_port:
+        cmd.append(f"--master_port={master_port}")
+    elif nnodes == 1:
+        cmd.append(f"--master_port={_free_port()}")
+    return cmd + ["-m", "dtop_cli.cli", *child_args, "--launcher", "pytorch"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(child_args: list[str], **layout: Any) -> int:
+    """Run the distributed job in the foreground; returns its exit code (0 = every rank done)."""
+    cmd = torchrun_command(child_args, **layout)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, layout.get("gpus", 1)))))
+    return subprocess.call(cmd, env=env)
+
+
+def is_rank0() -> bool:
+    """Whether this process reports results (rank 0 of a torchrun job, or a single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
