@@ -33,7 +33,9 @@ TORCH_SPEC=${DTOP_TORCH_SPEC:-torch==2.13.0}
 MMCV_SPEC="mmcv==2.1.0"
 BUILD_SETUPTOOLS="setuptools<70"
 RUNTIME_SETUPTOOLS="setuptools>=77.0.3,<82"
-BUILD_BACKEND="hatchling>=1.26"  # pyproject.toml [build-system]
+# pyproject.toml [build-system]; hatchling needs editables for an editable install when
+# pip does not isolate the build (it would otherwise fetch it itself).
+BUILD_BACKEND=("hatchling>=1.26" "editables>=0.5")
 
 RUN_TESTS=0
 FORCE=0
@@ -136,7 +138,7 @@ done_step "setuptools $("$PY" -c 'import setuptools; print(setuptools.__version_
 
 # ---------------------------------------------------------------- 4. dtop itself
 # Built without isolation (nothing to download twice); its build backend must be present.
-pip install -q "$BUILD_BACKEND"
+pip install -q "${BUILD_BACKEND[@]}"
 pip install -q --no-build-isolation -e "$ROOT[test]"
 done_step "install dtop (editable) + test deps"
 
