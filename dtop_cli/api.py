@@ -50,17 +50,23 @@ def _as_preset(preset: Union[str, Path, Preset]) -> Preset:
     return preset if isinstance(preset, Preset) else load_preset(str(preset))
 
 
-def load_model(preset: Union[str, Path, Preset], checkpoint: Optional[Union[str, Path]] = None, *,
+def load_model(preset: Optional[Union[str, Path, Preset]], checkpoint: Optional[Union[str, Path]] = None, *,
                threshold: Optional[float] = None, device: str = "cpu") -> torch.nn.Module:
     """Build the preset's model in eval mode, optionally with a checkpoint (strict, safe load).
 
+    preset: a name, YAML path or Preset; None takes the one a dtop checkpoint records.
     threshold: exit threshold; default: the one recorded in a dtop checkpoint, else the
     preset's. 1.0 turns pruning off (the base model).
     """
     from .model.build import build_model
     from .model.checkpoint import load_weights
 
-    p = _as_preset(preset)
+    if preset is None or checkpoint is not None and not isinstance(preset, Preset):
+        from .runtime.checkpoints import resolve_preset
+
+        p = resolve_preset(None if preset is None else str(preset), None, checkpoint)
+    else:
+        p = _as_preset(preset)
     if threshold is not None:
         threshold = check_threshold(threshold)
     model = build_model(p, threshold=threshold)

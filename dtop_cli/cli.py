@@ -31,6 +31,9 @@ err = Console(stderr=True)
 out = Console()
 
 PresetOpt = typer.Option(..., "--preset", "-p", help="Preset name (see `dtop presets`) or path to a YAML file.")
+CkptPresetOpt = typer.Option(
+    None, "--preset", "-p", help="Preset name or YAML file (default: the one the checkpoint records; needed for "
+    "checkpoints of the public DToP code).")
 SetOpt = typer.Option(None, "--set", help="Override a preset value: dotted.key=value (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 
@@ -93,14 +96,14 @@ def prepare_cmd(
         "the VOC2010 tar and trainval_merged.json)."),
     data_root: Path = typer.Option(
         Path("data"), "--data-root", help="Folder the presets read datasets from."),
-    download: bool = typer.Option(
-        False, "--download", help="Fetch the official files into DATA_ROOT/downloads (resumes a partial "
-        "download)."),
+    download: Optional[bool] = typer.Option(
+        None, "--download/--no-download", help="Without --src: the official files are taken from the current "
+        "directory or DATA_ROOT/downloads, else downloaded there (resuming a partial file). --download always "
+        "fetches; --no-download never touches the network.", show_default=False),
     sha256: Optional[List[str]] = typer.Option(
         None, "--sha256", help="Expected SHA-256 of each input, in order (repeatable)."),
     url: Optional[List[str]] = typer.Option(
-        None, "--url", help="With --download: a mirror URL instead of the official one (repeatable, "
-        "same order)."),
+        None, "--url", help="Download from this mirror instead of the official URL (repeatable, same order)."),
     verify: bool = typer.Option(
         False, "--verify", help="Check an existing dataset: pairs per split vs the official counts, "
         "sizes, label values. Exit 1 on problems."),
@@ -139,6 +142,7 @@ def prepare_cmd(
         return
     res = prepare_dataset(dataset, src or [], data_root, download=download, sha256=sha256 or [],
                           urls=url or [], workers=workers, seed=seed, force=force, console=err)
+    _next_step(_train_hint(dataset, data_root))
     if as_json:
         emit_json(res)
         return
@@ -173,12 +177,51 @@ PretrainedOpt = typer.Option(None, "--pretrained",
 SeedOpt = typer.Option(0, "--seed", help="Random seed.")
 VerboseOpt = typer.Option(False, "--verbose", help="Show mmengine's full log on stderr.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
+CkptDataRootOpt = typer.Option(
+    None, "--data-root", help="Folder the presets read datasets from (default: the one the checkpoint was trained "
+    "on, else data).")
+DEFAULT_DATA_ROOT = Path("data")
 
 
-def _child_args(command: str, preset: str, overrides: Optional[List[str]], opts, as_json: bool) -> list[str]:
+def _next_step(command: str) -> None:
+    """The next command of the workflow, on stderr (stdout may carry --json)."""
+    err.print(f"next: [bold]{command}[/]", highlight=False, soft_wrap=True)
+
+
+def _data_root_flag(data_root: Path) -> str:
+    return "" if Path(data_root) == DEFAULT_DATA_ROOT else f" --data-root {data_root}"
+
+
+def _train_hint(dataset: str, data_root: Path) -> str:
+    """`dtop train` for the presets that read ``dataset``."""
+    from . import presets as P
+
+    names = [n for n in P.available() if P.load_preset(n).data.dataset == dataset]
+    first = names[-1] if names else "NAME"  # the larger model of a dataset sorts last
+    more = f" (or: {', '.join(n for n in names if n != first)})" if len(names) > 1 else ""
+    return f"dtop train --preset {first}{_data_root_flag(data_root)}{more}"
+
+
+def _with_checkpoint(preset: Optional[str], overrides: Optional[List[str]], ckpt: Optional[Path],
+                     data_root: Optional[Path]):
+    """(preset, data root) of a command that takes a checkpoint: the preset the checkpoint
+    records unless --preset is given (see runtime.checkpoints.resolve_preset); the data root
+    given, else the one the checkpoint was trained on if it still exists, else data/."""
+    from .runtime.checkpoints import resolve_preset, run_info
+
+    p = resolve_preset(preset, overrides, ckpt)
+    if data_root is None:
+        recorded = run_info(ckpt).get("data_root") if ckpt is not None else None
+        data_root = Path(recorded) if recorded and Path(recorded).is_dir() else DEFAULT_DATA_ROOT
+    return p, data_root
+
+
+def _child_args(command: str, preset: Optional[str], overrides: Optional[List[str]], opts,
+                as_json: bool) -> list[str]:
     """The same command for each torchrun worker, with the options it was given."""
-    child = [command, "--preset", preset, "--data-root", str(opts.data_root), "--work-dir", str(opts.work_dir),
-             "--seed", str(opts.seed)]
+    child = [command, "--data-root", str(opts.data_root), "--work-dir", str(opts.work_dir), "--seed", str(opts.seed)]
+    if preset is not None:
+        child += ["--preset", preset]
     for o in overrides or []:
         child += ["--set", o]
     for flag, on in (("--amp", opts.amp), ("--resume", opts.resume), ("--verbose", opts.verbose),
@@ -192,17 +235,17 @@ def _child_args(command: str, preset: str, overrides: Optional[List[str]], opts,
     return child
 
 
-def _run_phase(command: str, preset: str, overrides: Optional[List[str]], opts, layout: dict,
+def _run_phase(command: str, preset: Optional[str], overrides: Optional[List[str]], opts, layout: dict,
                as_json: bool) -> None:
     """Shared body of `train` and `prune`: one process here, or N through torchrun."""
     from .data.mmseg import check_dataset
     from .fsutil import check_work_dir
-    from .presets import load_preset
     from .runtime.launch import is_rank0, launch
     from .runtime.train import train
 
-    p = load_preset(preset, overrides)
-    opts = opts.replace(work_dir=opts.resolved_work_dir(p)).checked()
+    opts = opts.checked()
+    p, data_root = _with_checkpoint(preset, overrides, opts.base_checkpoint, opts.data_root)
+    opts = opts.replace(work_dir=opts.resolved_work_dir(p), data_root=data_root)
     if layout["gpus"] > 1 or layout["nnodes"] > 1:
         if opts.launcher != "none":
             raise UserError("--gpus/--nnodes start their own processes; do not combine them with --launcher")
@@ -215,6 +258,16 @@ def _run_phase(command: str, preset: str, overrides: Optional[List[str]], opts, 
     res = train(p, opts, console=err)
     if not is_rank0():
         return
+    if res["checkpoint"]:
+        from .runtime.checkpoints import newest_checkpoint
+
+        ckpt = Path(res["checkpoint"])
+        if command == "train":
+            _next_step(f"dtop prune --from {ckpt}")
+        else:  # plain `dtop eval` picks the newest checkpoint under ./work_dirs: is it this one?
+            found = newest_checkpoint()
+            _next_step("dtop eval --flops" if found is not None and found.resolve() == ckpt.resolve()
+                       else f"dtop eval --ckpt {ckpt} --flops")
     if as_json:
         emit_json(res)
         return
@@ -253,11 +306,11 @@ def train_cmd(
 @app.command("prune")
 def prune_cmd(
     from_ckpt: Path = typer.Option(..., "--from", help="Base checkpoint to fine-tune with exits on."),
-    preset: str = PresetOpt,
+    preset: Optional[str] = CkptPresetOpt,
     thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the preset's)."),
     topk: Optional[int] = typer.Option(None, "--topk",
                                        help="Tokens kept per class for context (default: the preset's)."),
-    data_root: Path = DataRootOpt,
+    data_root: Optional[Path] = CkptDataRootOpt,
     work_dir: Optional[Path] = WorkDirOpt,
     gpus: int = GpusOpt,
     nnodes: int = NnodesOpt,
@@ -285,8 +338,10 @@ def prune_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    preset: str = PresetOpt,
-    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint to evaluate (dtop's or the public code's)."),
+    ckpt: Optional[Path] = typer.Option(
+        None, "--ckpt", help="Checkpoint to evaluate, dtop's or the public code's (default: the newest under "
+        "work_dirs/, a prune run before a base run of the same preset)."),
+    preset: Optional[str] = CkptPresetOpt,
     thresh: Optional[float] = typer.Option(
         None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
     flops: bool = typer.Option(
@@ -297,18 +352,51 @@ def eval_cmd(
     images: Optional[int] = typer.Option(None, "--images",
                                          help="Evaluate the first N validation images only."),
     device: Optional[str] = DeviceOpt,
-    data_root: Path = DataRootOpt,
+    data_root: Optional[Path] = CkptDataRootOpt,
+    gpus: int = GpusOpt,
+    nnodes: int = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[int] = MasterPortOpt,
+    launcher: str = LauncherOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """mIoU / aAcc on the validation split by the preset's test protocol."""
     from .commands.evaluate import evaluate
-    from .presets import load_preset
+    from .runtime.checkpoints import newest_checkpoint
+    from .runtime.launch import init_distributed, is_rank0, launch
 
-    p = load_preset(preset, overrides)
-    with Progress(f"eval {ckpt.name}", console=err, transient=True) as bar:
+    if ckpt is None:
+        ckpt = newest_checkpoint()
+        if ckpt is None:
+            raise UserError("no checkpoint under work_dirs/: make one with `dtop train --preset NAME` (and "
+                            "`dtop prune --from CKPT`), or pass --ckpt")
+        err.print(f"evaluating {ckpt} (the newest checkpoint under work_dirs/)", highlight=False, soft_wrap=True)
+    p, data_root = _with_checkpoint(preset, overrides, ckpt, data_root)
+    if gpus > 1 or nnodes > 1:
+        if launcher != "none":
+            raise UserError("--gpus/--nnodes start their own processes; do not combine them with --launcher")
+        child = ["eval", "--ckpt", str(ckpt), "--data-root", str(data_root)]
+        for flag, val in (("--preset", preset), ("--thresh", thresh), ("--images", images), ("--device", device)):
+            if val is not None:
+                child += [flag, str(val)]
+        for flag, on in (("--flops", flops), ("--per-class", per_class), ("--stages", stages), ("--json", as_json)):
+            if on:
+                child.append(flag)
+        for o in overrides or []:
+            child += ["--set", o]
+        rc = launch(child, gpus=gpus, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                    master_port=master_port)
+        if rc != 0:
+            err.print(f"[bold red]error:[/] distributed evaluation failed (exit code {rc})")
+        raise typer.Exit(0 if rc == 0 else 1)
+    device = init_distributed(launcher, device)
+    with Progress(f"eval {ckpt.name}", console=err, transient=True, enabled=is_rank0()) as bar:
         res = evaluate(p, ckpt, data_root=data_root, threshold=thresh, flops=flops, per_class=per_class,
                        stage_miou=stages, images=images, device=device, progress=bar)
+    if not is_rank0():
+        return
     if as_json:
         emit_json(res)
         return
@@ -318,7 +406,7 @@ def eval_cmd(
 
 @app.command("flops")
 def flops_cmd(
-    preset: str = PresetOpt,
+    preset: Optional[str] = CkptPresetOpt,
     ckpt: Optional[Path] = typer.Option(
         None, "--ckpt", help="Trained checkpoint: average the dynamic cost over validation images "
         "(without: one crop-size image, nothing exits)."),
@@ -330,16 +418,17 @@ def flops_cmd(
     shape: Optional[tuple[int, int]] = typer.Option(
         None, "--shape", help="Without --ckpt: image size H W (default: the preset's crop)."),
     device: Optional[str] = DeviceOpt,
-    data_root: Path = DataRootOpt,
+    data_root: Optional[Path] = CkptDataRootOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """GFLOPs per image in the paper's convention (fvcore counting, one crop-size image)."""
     from .commands.flops import flops_report
 
+    p, data_root = _with_checkpoint(preset, overrides, ckpt, data_root)
     with Progress("flops", console=err, transient=True, enabled=ckpt is not None) as bar:
-        res = flops_report(preset, ckpt, threshold=thresh, images=images, shape=shape, data_root=data_root,
-                           overrides=overrides, device=device, progress=bar)
+        res = flops_report(p, ckpt, threshold=thresh, images=images, shape=shape, data_root=data_root,
+                           device=device, progress=bar)
     if as_json:
         emit_json(res)
         return
@@ -348,7 +437,8 @@ def flops_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    preset: str = PresetOpt,
+    preset: Optional[str] = typer.Option(
+        None, "--preset", "-p", help="Preset name or YAML file (default with --ckpt: the one it records)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     batch: int = typer.Option(1, "--batch", help="Images per forward."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (weights and inputs)."),
@@ -373,9 +463,12 @@ def bench_cmd(
     """Wall-clock dense vs pruned on the same inputs: median times, their ratio, FLOP ratio, memory."""
     from .commands.bench import BenchOptions, run_bench
 
-    opts = BenchOptions(preset, device=device, batch=batch, dtype=dtype, exits=exits, ckpt=ckpt, thresh=thresh,
+    if preset is None and ckpt is None:
+        raise UserError("give --preset (random weights) or --ckpt (a trained model)")
+    p, _ = _with_checkpoint(preset, overrides, ckpt, data_root)
+    opts = BenchOptions(p, device=device, batch=batch, dtype=dtype, exits=exits, ckpt=ckpt, thresh=thresh,
                         repeats=repeats, warmup=warmup, data_root=data_root, threads=threads, graphs=graphs,
-                        bucket=bucket, memory=memory, overrides=tuple(overrides or ()))
+                        bucket=bucket, memory=memory)
     res = run_bench(opts, log=lambda msg: err.print(f"[dim]bench:[/] {msg}", highlight=False))
     if as_json:
         emit_json(res)
@@ -448,7 +541,7 @@ def quickstart_cmd(
 @app.command("infer")
 def infer_cmd(
     images: List[str] = typer.Argument(..., metavar="IMAGE...", help="Image files, folders or glob patterns."),
-    preset: str = PresetOpt,
+    preset: Optional[str] = CkptPresetOpt,
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (dtop's or the public code's layout)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_{labels,overlay,exits,panel}.png."),
     thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
@@ -459,9 +552,9 @@ def infer_cmd(
     """Label maps, overlays and exit-stage maps; one JSON line per image on stdout (--json: one object)."""
     from . import api
     from .commands.infer import run_infer
-    from .presets import check_threshold, load_preset
+    from .presets import check_threshold
 
-    p = load_preset(preset, overrides)
+    p, _ = _with_checkpoint(preset, overrides, ckpt, DEFAULT_DATA_ROOT)
     if thresh is not None:
         check_threshold(thresh)
 
@@ -486,12 +579,12 @@ def infer_cmd(
 
 @app.command("sweep")
 def sweep_cmd(
-    preset: str = PresetOpt,
+    preset: Optional[str] = CkptPresetOpt,
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint to sweep (one model, threshold changed in place)."),
     thresholds: str = typer.Option("0.8,0.85,0.9,0.95,1.0", "--thresholds", help="Comma-separated exit thresholds in (0, 1]."),
     images: Optional[int] = typer.Option(None, "--images", help="The first N validation images only (default all)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for sweep.csv and sweep.png."),
-    data_root: Path = DataRootOpt,
+    data_root: Optional[Path] = CkptDataRootOpt,
     device: Optional[str] = DeviceOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
@@ -499,10 +592,9 @@ def sweep_cmd(
     """mIoU against GFLOPs over exit thresholds: CSV, PNG plot and a table."""
     from . import api
     from .commands.sweep import parse_thresholds, run_sweep
-    from .presets import load_preset
 
-    p = load_preset(preset, overrides)
     ts = parse_thresholds(thresholds)
+    p, data_root = _with_checkpoint(preset, overrides, ckpt, data_root)
     with Progress("sweep", console=err, transient=True) as bar:
         res = run_sweep(p, ckpt, ts, data_root, out_dir, images=images, progress=bar,
                         device=api.resolve_device(device))

@@ -65,6 +65,57 @@ class Tally:
         return out
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(tallies: list[Tally]) -> None:
+    """Sum every tally's accumulators over the processes (in place, on every rank).
+
+    Areas and FLOPs are integer counts held in float64 (exact far beyond a validation set's
+    totals), so the sum is the single-process result to the last digit.
+    """
+    import torch.distributed as dist
+
+    parts: list[np.ndarray] = []
+    for t in tallies:
+        parts.append(np.array([t.images, t.protocol_flops, t.cost.backbone, t.cost.heads, t.cost.resize],
+                              dtype=np.float64))
+        if t.counts is not None:
+            parts.append(t.counts)
+        if t.confusion is not None:
+            parts.append(t.confusion.areas.ravel())
+        parts.extend(t.stage_confusion[s].areas.ravel() for s in sorted(t.stage_confusion))
+    flat = torch.from_numpy(np.concatenate(parts))
+    if dist.get_backend() == "nccl":
+        flat = flat.cuda()
+    dist.all_reduce(flat)
+    flat = flat.cpu().numpy()
+    i = 0
+
+    def take(n: int) -> np.ndarray:
+        nonlocal i
+        out = flat[i:i + n]
+        i += n
+        return out
+
+    for t in tallies:
+        images, protocol, bb, hd, rs = take(5)
+        t.images, t.protocol_flops, t.cost = int(images), float(protocol), FlopBreakdown(bb, hd, rs)
+        if t.counts is not None:
+            t.counts = take(len(t.counts)).copy()
+        if t.confusion is not None:
+            t.confusion.areas = take(t.confusion.areas.size).reshape(t.confusion.areas.shape).copy()
+        for s in sorted(t.stage_confusion):
+            c = t.stage_confusion[s]
+            c.areas = take(c.areas.size).reshape(c.areas.shape).copy()
+
+
 def test_image(packed_inputs: torch.Tensor) -> np.ndarray:
     """The test-resized image of a packed sample (3xHxW uint8 tensor) as HxWx3 uint8 BGR."""
     return packed_inputs.permute(1, 2, 0).contiguous().cpu().numpy()
@@ -99,6 +150,9 @@ def measure(model: torch.nn.Module, dataset: Any, thresholds: Sequence[float], *
 
     stages: heads (1..S-1) also scored on their own (per-stage mIoU) at each threshold.
     Returns one :class:`Tally` per threshold, in the order given.
+
+    In a process group (``dtop eval --gpus N``) each process measures every N-th image and
+    the tallies are summed over the processes: every rank returns the whole set's result.
     """
     from mmengine.dataset import pseudo_collate
 
@@ -106,11 +160,13 @@ def measure(model: torch.nn.Module, dataset: Any, thresholds: Sequence[float], *
     tallies = [Tally(float(t), K, S, confusion=Confusion(K) if miou else None,
                      stage_confusion={s: Confusion(K) for s in stages} if miou else {},
                      counts=np.zeros(S) if cost else None) for t in thresholds]
-    n = len(dataset)
+    rank, world = _dist()
+    mine = range(rank, len(dataset), world)
+    n = len(mine)
     model.eval()
-    for i in range(n):
+    for done, i in enumerate(mine):
         if progress is not None:
-            progress(i, n)
+            progress(done, n)
         sample = dataset[i]
         batch = pseudo_collate([sample])
         for tally in tallies:
@@ -132,4 +188,6 @@ def measure(model: torch.nn.Module, dataset: Any, thresholds: Sequence[float], *
             tally.images += 1
     if progress is not None:
         progress(n, n)
+    if world > 1:
+        _all_reduce(tallies)
     return tallies

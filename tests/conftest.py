@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,63 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
         return CliResult(code=code, out=captured.out, err=captured.err)
 
     return run
+
+
+# --------------------------------------------------------------------------- a Range-capable server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves server.files; honours `Range: bytes=N-`; can drop connections mid-body."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        srv = self.server
+        rng = self.headers.get("Range")
+        srv.requests.append(rng)
+        data = srv.files.get(self.path.lstrip("/"))
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if rng and srv.honor_range:
+            m = re.fullmatch(r"bytes=(\d+)-", rng)
+            assert m, rng
+            start = int(m.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if srv.drops_left > 0:
+            srv.drops_left -= 1
+            self.wfile.write(body[: srv.drop_after])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        """Keep the test output clean: no access log on stderr."""
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server (127.0.0.1) for downloads: put bytes in ``server.files[name]``."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.files, srv.requests, srv.drops_left, srv.drop_after, srv.honor_range = {}, [], 0, 0, True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+

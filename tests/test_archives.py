@@ -6,15 +6,11 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
-import socket
 import stat
 import tarfile
-import threading
 import zipfile
 from collections import namedtuple
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,62 +20,6 @@ from PIL import Image
 from dtop_cli.cli import main
 from dtop_cli.data import archives as A
 from dtop_cli.errors import UserError
-
-# --------------------------------------------------------------------------- a Range-capable server
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Serves server.files; honours `Range: bytes=N-`; can drop connections mid-body."""
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        srv = self.server
-        rng = self.headers.get("Range")
-        srv.requests.append(rng)
-        data = srv.files.get(self.path.lstrip("/"))
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if rng and srv.honor_range:
-            m = re.fullmatch(r"bytes=(\d+)-", rng)
-            assert m, rng
-            start = int(m.group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if srv.drops_left > 0:
-            srv.drops_left -= 1
-            self.wfile.write(body[: srv.drop_after])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        """Keep the test output clean: no access log on stderr."""
-
-
-@pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.requests, srv.drops_left, srv.drop_after, srv.honor_range = {}, [], 0, 0, True
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/"
-    yield srv
-    srv.shutdown()
-    srv.server_close()
 
 
 def _payload(n: int = 300_000) -> bytes:
@@ -192,7 +132,7 @@ def test_prepare_download_wrong_sha_leaves_no_dataset(server, tmp_path, capsys):
     assert code == 2, err
     assert "expected ffff" in err and out == ""
     assert not (root / "ade").exists()
-    assert [p.name for p in (root / "downloads").iterdir()] == []
+    assert not root.exists()  # the folders the failed download made are gone too
 
 
 def test_prepare_download_interrupted_then_prepared(server, tmp_path, capsys):

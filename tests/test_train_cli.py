@@ -137,6 +137,34 @@ def test_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
     assert cfg.launcher == "pytorch" and cfg.train_dataloader.batch_size == 4  # 8 split over 2
 
 
+@pytest.mark.slow
+def test_eval_over_two_cpu_processes_equals_one(data_root: Path, tmp_path: Path) -> None:
+    """eval --gpus 2: each rank scores its share of the images; the all-reduced confusion,
+    cost and exit tallies give exactly the single-process numbers."""
+    import torch
+
+    from dtop_cli.model.build import build_model
+    from dtop_cli.presets import load_preset
+
+    torch.manual_seed(0)
+    p = load_preset(PRESET)
+    ckpt = tmp_path / "model.pth"
+    torch.save({"state_dict": build_model(p).state_dict(),
+                "meta": {"dtop": {"preset": p.name, "preset_yaml": p.to_yaml(), "threshold": 0.2}}}, ckpt)
+    args = ("eval", "--ckpt", str(ckpt), "--data-root", str(data_root), "--flops", "--stages", "--json")
+    one = one_json(dtop(*args, cwd=tmp_path))
+    two = one_json(dtop(*args, "--gpus", "2", cwd=tmp_path))
+    for res in (one, two):
+        res.pop("seconds", None)
+    assert sum(one["exit_share"][:-1]) > 0  # something exits, so the exit tallies are exercised
+    assert one.keys() == two.keys()
+    for k in one:
+        if isinstance(one[k], str):
+            assert two[k] == one[k], k
+        else:
+            assert two[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -230,6 +258,12 @@ def test_quickstart_smoke(tmp_path: Path) -> None:
     assert set(s["pruned"]) >= {"miou", "gflops", "exit_share"} and len(s["pruned"]["exit_share"]) == 3
     assert s["base"]["gflops"] > 0
     assert s["pretrain"]["iters"] == 2 and Path(s["pretrain"]["path"]).is_file()
+    # two runners in one process: each run's scalars in its own file, never appended to the other's
+    for run, iters in (("base", [1, 2]), ("prune", [1])):
+        files = list((wd / run).glob("*/vis_data/scalars.json"))
+        assert len(files) == 1, files
+        logged = [json.loads(ln) for ln in files[0].read_text().splitlines()]
+        assert [e["iter"] for e in logged if "loss" in e] == iters, run
 
 
 # --------------------------------------------------------------------------- any number of stages

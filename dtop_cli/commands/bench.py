@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -211,7 +211,7 @@ def image_batch(model, preset, data_root: Union[str, Path], batch: int) -> Tenso
 class BenchOptions:
     """Everything `dtop bench` takes, checked once (:meth:`checked`) before any work."""
 
-    preset: str
+    preset: Union[str, Any]  # a preset name / YAML path, or a loaded Preset
     device: str = "cpu"
     batch: int = 1
     dtype: str = "fp32"
@@ -263,13 +263,13 @@ def run_bench(opts: BenchOptions, model=None, log: Callable[[str], None] = lambd
     """What `dtop bench` reports (see the module doc). `model`: reuse a built model of
     this preset (scripts timing several settings); it is cast and moved in place."""
     from ..cost import gflops_from_counts
-    from ..presets import load_preset
+    from ..presets import Preset, load_preset
 
     opts = opts.checked()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     dev = torch.device(opts.device)
-    p = load_preset(opts.preset, list(opts.overrides))
+    p = opts.preset if isinstance(opts.preset, Preset) else load_preset(opts.preset, list(opts.overrides))
 
     if model is None:
         log(f"building {p.name}")

@@ -33,16 +33,8 @@ from types import TracebackType
 from typing import Callable, Iterator, Optional
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
+from ..console import Progress
 from ..errors import UserError
 
 CHUNK = 1 << 20
@@ -50,37 +42,6 @@ CHUNK = 1 << 20
 # breaks everything else running on the machine.
 FREE_SPACE_MARGIN = 64 << 20
 STAGING_PREFIX = ".dtop-tmp-"
-
-
-def stderr_console() -> Console:
-    """Progress always goes to stderr so `--json` keeps stdout to one object."""
-    return Console(stderr=True)
-
-
-def byte_progress(console: Optional[Console] = None) -> Progress:
-    """A rich progress bar that counts bytes (downloads, hashing, extraction)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console or stderr_console(),
-        transient=False,
-    )
-
-
-def count_progress(console: Optional[Console] = None) -> Progress:
-    """A rich progress bar that counts items (images converted, labels checked)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=console or stderr_console(),
-        transient=False,
-    )
 
 
 # --------------------------------------------------------------------------- digests
@@ -101,22 +62,14 @@ def sha256_file(path: Path, console: Optional[Console] = None, show: bool = True
     """SHA-256 of a file, streamed (archives do not fit in memory on small machines)."""
     h = hashlib.sha256()
     size = path.stat().st_size
-    prog = byte_progress(console) if show else None
-    try:
-        if prog is not None:
-            prog.start()
-            task = prog.add_task(f"sha256 {path.name}", total=size)
-        with open(path, "rb") as f:
-            while True:
-                buf = f.read(CHUNK)
-                if not buf:
-                    break
-                h.update(buf)
-                if prog is not None:
-                    prog.advance(task, len(buf))
-    finally:
-        if prog is not None:
-            prog.stop()
+    with Progress(f"sha256 {path.name}", size, console=console, unit="bytes", enabled=show) as prog, \
+            open(path, "rb") as f:
+        while True:
+            buf = f.read(CHUNK)
+            if not buf:
+                break
+            h.update(buf)
+            prog.advance(len(buf))
     return h.hexdigest()
 
 
@@ -172,6 +125,11 @@ def _gb(n: int) -> str:
 # --------------------------------------------------------------------------- download
 
 
+def url_file_name(url: str) -> str:
+    """The file name a URL serves, from its path ('' if the path names no file)."""
+    return Path(urllib.parse.urlparse(url).path).name
+
+
 class _Retry(Exception):
     """A transient failure: the next attempt resumes from what is on disk."""
 
@@ -194,10 +152,26 @@ def download(
     final name, and its digest is recorded in ``<name>.sha256``. A digest that differs from
     ``expected_sha256`` removes the download (it is ours and it is wrong) and raises UserError.
     """
-    name = Path(urllib.parse.urlparse(url).path).name
+    name = url_file_name(url)
     if not name:
         raise UserError(f"cannot tell a file name from the URL {url}")
+    made = [d for d in (dest_dir, *dest_dir.parents) if not d.exists()]
     dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_into(url, dest_dir, name, expected_sha256, retries, timeout, backoff, console)
+    except BaseException:
+        # a failed first attempt leaves no empty folders behind (a partial file stays, to resume)
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _download_into(url: str, dest_dir: Path, name: str, expected_sha256: Optional[str], retries: int,
+                   timeout: float, backoff: float, console: Optional[Console]) -> tuple[Path, str]:
+    """The body of :func:`download`, into an existing ``dest_dir``."""
     final = dest_dir / name
     part = dest_dir / (name + ".part")
 
@@ -279,8 +253,13 @@ def _fetch_once(url: str, part: Path, *, timeout: float, console: Optional[Conso
         if total is not None:
             ensure_free_space(part.parent, total - offset, f"downloading {part.name[:-5]}")
         received = offset
-        with byte_progress(console) as prog, open(part, mode) as f:
-            task = prog.add_task(f"download {part.name[:-5]}", total=total, completed=offset)
+        name = part.name[:-5]
+        size = "unknown size" if total is None else f"{total / 2**20:.1f} MB"
+        (console or Console(stderr=True)).print(
+            f"downloading {name} ({size}{f', resuming at {offset / 2**20:.1f} MB' if offset else ''}) from {url}",
+            highlight=False, soft_wrap=True)
+        with Progress(f"download {name}", total, console=console, unit="bytes", completed=offset) as prog, \
+                open(part, mode) as f:
             while True:
                 try:  # only network errors are worth a retry; a failing disk write is not
                     buf = resp.read(CHUNK)
@@ -290,7 +269,7 @@ def _fetch_once(url: str, part: Path, *, timeout: float, console: Optional[Conso
                     break
                 f.write(buf)
                 received += len(buf)
-                prog.update(task, completed=received)
+                prog.update(received)
         if total is not None and received < total:
             raise _Retry(f"connection closed after {received} of {total} bytes")
         if total is not None and received > total:
@@ -491,8 +470,7 @@ class Archive:
         ensure_free_space(dest, need, f"extracting {self.label}")
         root = dest.resolve()
         n = 0
-        with byte_progress(console) as prog:
-            task = prog.add_task(f"extract {self.label}", total=need)
+        with Progress(f"extract {self.label}", need, console=console, unit="bytes") as prog:
             for m, rel in chosen:
                 out = (root / safe_member_name(rel, self.label)).resolve()
                 if root != out and root not in out.parents:
@@ -511,7 +489,7 @@ class Archive:
                                     f"{self.label}: member {m.name} is larger than its header says"
                                 )
                             dst.write(buf)
-                            prog.advance(task, len(buf))
+                            prog.advance(len(buf))
                 except (FileExistsError, NotADirectoryError):
                     raise UserError(
                         f"{self.label}: member appears twice or clashes with a folder: {m.name}"
@@ -629,8 +607,7 @@ def copy_tree(src: Path, dst: Path, console: Optional[Console] = None) -> int:
     sizes = [f.stat().st_size for f in files]
     total = sum(sizes)
     linking = True
-    with byte_progress(console) as prog:
-        task = prog.add_task(f"copy {src.name}", total=total)
+    with Progress(f"copy {src.name}", total, console=console, unit="bytes") as prog:
         for f, n in zip(files, sizes, strict=True):
             out = dst / f.relative_to(src)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -642,7 +619,7 @@ def copy_tree(src: Path, dst: Path, console: Optional[Console] = None) -> int:
                     ensure_free_space(dst, total, f"copying {src}")
             if not linking:
                 shutil.copy2(f, out)
-            prog.advance(task, n)
+            prog.advance(n)
     return len(files)
 
 

@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 import numpy as np
 from rich.console import Console
 
+from ..console import Progress
 from ..errors import UserError
-from .archives import count_progress
 
 MARKER = ".dtop-prepared.json"
 IGNORE_INDEX = 255
@@ -116,18 +116,17 @@ def parallel_map(
     those can deadlock. One worker runs in this process (no start-up cost for small jobs).
     """
     out: list[R] = []
-    with count_progress(console) as prog:
-        task = prog.add_task(desc, total=len(items))
+    with Progress(desc, len(items), console=console) as prog:
         if workers <= 1 or len(items) < 2:
             for x in items:
                 out.append(fn(x))
-                prog.advance(task)
+                prog.advance()
             return out
         chunk = max(1, min(64, len(items) // (workers * 8) or 1))
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
             for r in ex.map(fn, items, chunksize=chunk):
                 out.append(r)
-                prog.advance(task)
+                prog.advance()
     return out
 
 

@@ -7,8 +7,8 @@ A plain mmseg config can use ``DToPSegmentor``, ``DToPViT``, ``ATMHead`` and ``A
 from mmseg.registry import MODELS
 
 from .atm_head import ATMHead
-from .loss import ATMLoss
 from .exits import DToPOutput
+from .loss import ATMLoss
 from .segmentor import DToPSegmentor
 from .vit import DToPViT
 

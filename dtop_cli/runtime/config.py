@@ -224,7 +224,10 @@ def build_config(
     cfg = dict(
         default_scope="mmseg",
         custom_imports=dict(imports=list(CUSTOM_IMPORTS), allow_failed_imports=False),
-        dtop=dict(preset=preset.name, phase=phase, threshold=thr, keep_topk=preset.exit.keep_topk),
+        # what the weights are (copied into every checkpoint's meta): `dtop eval`, `prune`,
+        # `infer` ... rebuild the model from the recorded preset and threshold alone
+        dtop=dict(preset=preset.name, phase=phase, threshold=thr, keep_topk=preset.exit.keep_topk,
+                  preset_yaml=preset.to_yaml(), data_root=str(data_root.expanduser().resolve())),
         model=model_config(preset, threshold=thr, pretrained=None if pretrained is None else str(pretrained)),
         train_dataloader=train_loader,
         val_dataloader=val_loader,
@@ -240,7 +243,11 @@ def build_config(
         log_processor=dict(by_epoch=False),
         log_level="INFO",
         vis_backends=vis_backends,
-        visualizer=dict(type="SegLocalVisualizer", vis_backends=vis_backends, name="visualizer"),
+        # one visualizer per run: mmengine keeps visualizers by name for the whole process, so
+        # a second run in one process (the quickstart's prune) would write into the first's
+        # vis_data/scalars.json under a shared name
+        visualizer=dict(type="SegLocalVisualizer", vis_backends=vis_backends,
+                        name=f"visualizer:{Path(work_dir).expanduser().resolve()}"),
         env_cfg=dict(
             cudnn_benchmark=False,
             mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),

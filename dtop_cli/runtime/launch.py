@@ -42,6 +42,38 @@ def launch(child_args: list[str], **layout: Any) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def init_distributed(launcher: str, device: Optional[str]) -> Optional[str]:
+    """Join the process group a launcher started (``--launcher pytorch``: torchrun's
+    environment; ``slurm``: srun's) and return the device this process uses: its own GPU
+    (``cuda:LOCAL_RANK``) when CUDA is there, else the CPU with the gloo backend. Without a
+    launcher nothing happens and ``device`` comes back unchanged."""
+    if launcher == "none":
+        return device
+    if launcher not in ("pytorch", "slurm"):
+        raise UserError(f"--launcher must be none, pytorch or slurm (got {launcher})")
+    import torch
+    import torch.distributed as dist
+
+    if launcher == "slurm":  # srun sets the SLURM_* variables; torch wants its own names
+        os.environ.setdefault("RANK", os.environ.get("SLURM_PROCID", "0"))
+        os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
+            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                   check=False).stdout.split()
+            os.environ["MASTER_ADDR"] = first[0] if first else nodes
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
 def is_rank0() -> bool:
     """Whether this process reports results (rank 0 of a torchrun job, or a single process)."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -24,6 +24,7 @@ from ..data.mmseg import check_dataset, register_modules
 from ..errors import UserError
 from ..fsutil import check_work_dir
 from ..presets import Preset
+from . import hooks  # noqa: F401  (registers the hooks the config names)
 from .checkpoints import checkpoint_meta, latest_checkpoint
 from .config import RunOptions, build_config, schedule
 from .weights import resolve_pretrained
