@@ -33,6 +33,24 @@ class CliResult:
         return obj
 
 
+_LOCAL_HOSTS = {None, "", "localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname()}
+
+
+@pytest.fixture(autouse=True)
+def no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never touch the internet: resolving any host but this machine fails at once, in
+    the test process (a download a test forgot to redirect to 127.0.0.1 fails loudly)."""
+    real = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in _LOCAL_HOSTS:
+            raise socket.gaierror(f"tests do not touch the internet (asked for {name})")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT

@@ -43,10 +43,12 @@ def test_synthetic_dispatch_passes_root_seed_and_force(run_cli, tmp_path, monkey
         (["prepare", "ade20k", "--force"], "--force only replaces the generated synthetic set"),
         (["prepare", "ade20k", "--verify", "--src", "x.zip"], "--verify checks an existing dataset"),
         (["prepare", "ade20k", "--src", "a.zip", "--download"], "either --src"),
-        (["prepare", "ade20k", "--url", "http://127.0.0.1:9/x.zip"], "--url only makes sense"),
+        # --url alone downloads from there (nothing listens on port 9: the offline answer)
+        (["prepare", "ade20k", "--url", "http://127.0.0.1:9/x.zip"], "download of http://127.0.0.1:9/x.zip failed"),
         (["prepare", "ade20k", "--sha256", "12ab"], "is not a SHA-256 digest"),
         (["prepare", "synthetic", "--src", "a.zip"], "takes no --src"),
-        (["prepare", "coco-stuff10k"], "cocostuff-10k-v1.1.zip, or --download"),
+        (["prepare", "coco-stuff10k", "--no-download"],
+         "cocostuff-10k-v1.1.zip from http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(run_cli, tmp_path, args, msg):

@@ -179,7 +179,10 @@ def test_preset_dataset_mismatch(run_cli, data_root: Path, tmp_path: Path) -> No
     r = run_cli(["train", "-p", PRESET, "--set", "data.num_classes=5", "--data-root", str(data_root),
                  "--work-dir", str(tmp_path / "w")])
     assert r.code == 2 and "8 classes" in r.err
-    # a dataset dtop does not know: the labels give it away
+    # a dataset dtop does not know: the labels give it away (a public-code checkpoint: --preset says what it is)
+    import torch
+
+    torch.save({"state_dict": {}, "meta": {}}, tmp_path / "x.pth")
     r = run_cli(["eval", "-p", PRESET, "--set", "data.dataset=mine", "--set", "data.type=BaseSegDataset",
                  "--set", "data.num_classes=2", "--ckpt", str(tmp_path / "x.pth"),
                  "--data-root", str(data_root)])
@@ -216,6 +219,7 @@ def test_other_bad_options(run_cli, data_root: Path, tmp_path: Path) -> None:
     assert r.code == 2 and "not found" in r.err
     import torch
 
+    torch.save({"state_dict": {}, "meta": {}}, tmp_path / "x.pth")
     if not torch.cuda.is_available():
         r = run_cli(["train", *common, "--amp"])
         assert r.code == 2 and "--amp" in r.err
