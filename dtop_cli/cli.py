@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import render
 from .console import Progress
@@ -176,6 +178,11 @@ PretrainedOpt = typer.Option(None, "--pretrained",
                              help="Local pretrained ViT weights instead of the preset's URL.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed.")
 VerboseOpt = typer.Option(False, "--verbose", help="Show mmengine's full log on stderr.")
+LogToOpt = typer.Option(None, "--log-to", help="Also log to tensorboard and/or wandb (comma list; the "
+                        "local scalars.json is always written). Needs pip install 'dtop[tensorboard]' / "
+                        "'dtop[wandb]'.")
+WandbProjectOpt = typer.Option(None, "--wandb-project", help="W&B project (default: $WANDB_PROJECT, else dtop).")
+WandbNameOpt = typer.Option(None, "--wandb-name", help="W&B run name (default: $WANDB_NAME, else <preset>-<phase>).")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
 CkptDataRootOpt = typer.Option(
     None, "--data-root", help="Folder the presets read datasets from (default: the one the checkpoint was trained "
@@ -228,8 +235,11 @@ def _child_args(command: str, preset: Optional[str], overrides: Optional[List[st
                      ("--json", as_json)):
         if on:
             child.append(flag)
+    if opts.log_to:
+        child += ["--log-to", ",".join(opts.log_to)]
     for flag, val in (("--max-iters", opts.max_iters), ("--pretrained", opts.pretrained),
-                      ("--from", opts.base_checkpoint), ("--thresh", opts.threshold), ("--topk", opts.topk)):
+                      ("--from", opts.base_checkpoint), ("--thresh", opts.threshold), ("--topk", opts.topk),
+                      ("--wandb-project", opts.wandb_project), ("--wandb-name", opts.wandb_name)):
         if val is not None:
             child += [flag, str(val)]
     return child
@@ -246,6 +256,9 @@ def _run_phase(command: str, preset: Optional[str], overrides: Optional[List[str
     opts = opts.checked()
     p, data_root = _with_checkpoint(preset, overrides, opts.base_checkpoint, opts.data_root)
     opts = opts.replace(work_dir=opts.resolved_work_dir(p), data_root=data_root)
+    if "tensorboard" in opts.log_to and "LOCAL_RANK" not in os.environ and is_rank0():
+        # once per job (not again in each torchrun worker), before the long part starts
+        err.print(f"watch it: tensorboard --logdir {opts.work_dir}", highlight=False, soft_wrap=True)
     if layout["gpus"] > 1 or layout["nnodes"] > 1:
         if opts.launcher != "none":
             raise UserError("--gpus/--nnodes start their own processes; do not combine them with --launcher")
@@ -291,14 +304,19 @@ def train_cmd(
     pretrained: Optional[Path] = PretrainedOpt,
     seed: int = SeedOpt,
     verbose: bool = VerboseOpt,
+    log_to: Optional[str] = LogToOpt,
+    wandb_project: Optional[str] = WandbProjectOpt,
+    wandb_name: Optional[str] = WandbNameOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Base training (threshold 1.0: nothing exits, every head is supervised)."""
     from .runtime.config import RunOptions
+    from .runtime.tracking import parse_log_to
 
     opts = RunOptions("base", data_root=data_root, work_dir=work_dir, max_iters=max_iters, amp=amp,
-                      resume=resume, launcher=launcher, pretrained=pretrained, seed=seed, verbose=verbose)
+                      resume=resume, launcher=launcher, pretrained=pretrained, seed=seed, verbose=verbose,
+                      log_to=parse_log_to(log_to), wandb_project=wandb_project, wandb_name=wandb_name)
     _run_phase("train", preset, overrides, opts, dict(gpus=gpus, nnodes=nnodes, node_rank=node_rank,
                                                       master_addr=master_addr, master_port=master_port), as_json)
 
@@ -323,15 +341,20 @@ def prune_cmd(
     max_iters: Optional[int] = MaxItersOpt,
     seed: int = SeedOpt,
     verbose: bool = VerboseOpt,
+    log_to: Optional[str] = LogToOpt,
+    wandb_project: Optional[str] = WandbProjectOpt,
+    wandb_name: Optional[str] = WandbNameOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Pruned fine-tuning: load a base checkpoint (strictly), switch exits on, train the prune schedule."""
     from .runtime.config import RunOptions
+    from .runtime.tracking import parse_log_to
 
     opts = RunOptions("prune", data_root=data_root, work_dir=work_dir, base_checkpoint=from_ckpt,
                       max_iters=max_iters, threshold=thresh, topk=topk, amp=amp, resume=resume,
-                      launcher=launcher, seed=seed, verbose=verbose)
+                      launcher=launcher, seed=seed, verbose=verbose, log_to=parse_log_to(log_to),
+                      wandb_project=wandb_project, wandb_name=wandb_name)
     _run_phase("prune", preset, overrides, opts, dict(gpus=gpus, nnodes=nnodes, node_rank=node_rank,
                                                       master_addr=master_addr, master_port=master_port), as_json)
 
@@ -577,6 +600,25 @@ def infer_cmd(
                   (f", {len(res['skipped'])} skipped" if res["skipped"] else ""))
 
 
+@app.command("curves")
+def curves_cmd(
+    work_dir: Path = typer.Argument(..., help="Work dir of a train/prune run, or a folder of them "
+                                    "(e.g. the quickstart's)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNGs (default: WORK_DIR/curves)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Pictures of a run's logged scalars: loss per head, learning rate, validation mIoU and, for
+    prune runs, exit shares and GFLOPs ratio over iterations. Works while the run is going."""
+    from .commands.curves import draw_curves
+
+    res = draw_curves(work_dir, out_dir)
+    if as_json:
+        emit_json(res)
+        return
+    for path in res["pictures"]:
+        out.print(path, highlight=False, soft_wrap=True)
+
+
 @app.command("sweep")
 def sweep_cmd(
     preset: Optional[str] = CkptPresetOpt,
@@ -637,7 +679,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     except UserError as e:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # the message is plain text: brackets in it (pip extras, lists) are not markup
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -327,3 +327,25 @@ def encode_png(bgr: np.ndarray) -> bytes:
     if not ok:  # pragma: no cover - encoder failure
         raise RuntimeError("could not encode PNG")
     return data.tobytes()
+
+
+def line_plot(data: dict, title: str, ylabel: str, *, xlabel: str = "iteration", log_y: bool = False) -> bytes:
+    """One labelled line per series {label: (xs, ys)}, as PNG bytes (`dtop curves`)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.subplots()
+    for label, (xs, ys) in data.items():
+        ax.plot(xs, ys, "-o" if len(xs) < 30 else "-", markersize=3, label=label)
+    if log_y and all(y > 0 for _, ys in data.values() for y in ys):
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(data) > 1:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -183,6 +183,8 @@ class DToPSegmentor(EncoderDecoder):
     def loss(self, inputs: Tensor, data_samples: list) -> dict:
         """Deep supervision: every head's merged prediction gets the ATM loss, weight 1 each."""
         out = self.forward_dtop(inputs)
+        # what this batch retired where: read by runtime.tracking.ExitStatsHook (prune runs)
+        self.train_exit_record = (out.exit_stage.detach(), out.active_counts.detach())
         labels = torch.stack([ds.gt_sem_seg.data for ds in data_samples]).squeeze(1).long()
         losses = {}
         names = [f"aux_{i}" for i in range(self.num_stages - 1)] + ["decode"]

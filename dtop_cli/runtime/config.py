@@ -21,11 +21,13 @@ from ..data.mmseg import dataset_config, pipelines
 from ..errors import UserError
 from ..fsutil import atomic_write
 from ..presets import Preset, check_threshold, replace
+from .tracking import MEAN_PATTERN, check_trackers
+from .tracking import vis_backends as tracking_backends
 
 PHASES = ("base", "prune")
 LAUNCHERS = ("none", "pytorch", "slurm")
 #: Modules a config must import so that mmseg's registries know dtop's model and hooks.
-CUSTOM_IMPORTS = ["dtop_cli.model", "dtop_cli.runtime.hooks"]
+CUSTOM_IMPORTS = ["dtop_cli.model", "dtop_cli.runtime.hooks", "dtop_cli.runtime.tracking"]
 
 PathLike = Union[str, Path]
 
@@ -56,6 +58,9 @@ class RunOptions:
     seed: int = 0
     validate: bool = True
     verbose: bool = False
+    log_to: tuple[str, ...] = ()
+    wandb_project: Optional[str] = None
+    wandb_name: Optional[str] = None
 
     def checked(self) -> "RunOptions":
         """Self, after every check that needs no files; raises UserError with one line."""
@@ -73,6 +78,7 @@ class RunOptions:
             raise UserError(f"--launcher must be none, pytorch or slurm (got {self.launcher})")
         if self.phase == "base" and self.base_checkpoint is not None:
             raise UserError("--from applies to `dtop prune`; the base phase trains from pretrained weights")
+        check_trackers(self.log_to)
         return self
 
     def replace(self, **changes: Any) -> "RunOptions":
@@ -219,7 +225,7 @@ def build_config(
         sampler_seed=dict(type="DistSamplerSeedHook"),
         visualization=dict(type="SegVisualizationHook"),
     )
-    vis_backends = [dict(type="LocalVisBackend")]
+    vis_backends = tracking_backends(opts.log_to, f"{preset.name}-{phase}", opts.wandb_project, opts.wandb_name)
     work_dir = opts.resolved_work_dir(preset)
     cfg = dict(
         default_scope="mmseg",
@@ -240,7 +246,9 @@ def build_config(
         val_cfg=dict(type="ValLoop"),
         test_cfg=dict(type="TestLoop"),
         default_hooks=default_hooks,
-        log_processor=dict(by_epoch=False),
+        # a prune run also logs what its training batches retired (exit shares, GFLOPs ratio)
+        custom_hooks=[dict(type="ExitStatsHook")] if phase == "prune" else [],
+        log_processor=dict(by_epoch=False, mean_pattern=MEAN_PATTERN),
         log_level="INFO",
         vis_backends=vis_backends,
         # one visualizer per run: mmengine keeps visualizers by name for the whole process, so
