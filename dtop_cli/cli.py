@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from . import render
 from .console import Progress
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -171,7 +171,10 @@ MasterPortOpt = typer.Option(None, "--master-port", help="Port on the rank-0 mac
 LauncherOpt = typer.Option("none", "--launcher",
                            help="none, pytorch (set for you by --gpus) or slurm (under srun).")
 AmpOpt = typer.Option(False, "--amp", help="bf16 autocast (CUDA only).")
-ResumeOpt = typer.Option(False, "--resume", help="Continue from the work dir's last complete checkpoint.")
+ResumeOpt = typer.Option(
+    False, "--resume", help="Continue from the work dir's newest readable checkpoint (an unreadable newer one is "
+    "named and set aside). `--resume auto`: continue if there is a checkpoint, else start (for requeued jobs).")
+ResumeAutoOpt = typer.Option(False, "--resume-auto", hidden=True, help="Same as `--resume auto`.")
 MaxItersOpt = typer.Option(None, "--max-iters",
                            help="Shorten the schedule (warm-up and poly horizon scale along).")
 PretrainedOpt = typer.Option(None, "--pretrained",
@@ -231,8 +234,9 @@ def _child_args(command: str, preset: Optional[str], overrides: Optional[List[st
         child += ["--preset", preset]
     for o in overrides or []:
         child += ["--set", o]
-    for flag, on in (("--amp", opts.amp), ("--resume", opts.resume), ("--verbose", opts.verbose),
-                     ("--json", as_json)):
+    if opts.resume:
+        child += ["--resume", "auto"] if opts.resume == "auto" else ["--resume"]
+    for flag, on in (("--amp", opts.amp), ("--verbose", opts.verbose), ("--json", as_json)):
         if on:
             child.append(flag)
     if opts.log_to:
@@ -243,6 +247,15 @@ def _child_args(command: str, preset: Optional[str], overrides: Optional[List[st
         if val is not None:
             child += [flag, str(val)]
     return child
+
+
+def _read_status(path: Path) -> Optional[dict]:
+    """What rank 0 of a torchrun job wrote when it stopped on purpose (see :func:`main`)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "message" in data and "exit_code" in data else None
 
 
 def _run_phase(command: str, preset: Optional[str], overrides: Optional[List[str]], opts, layout: dict,
@@ -263,8 +276,15 @@ def _run_phase(command: str, preset: Optional[str], overrides: Optional[List[str
         if opts.launcher != "none":
             raise UserError("--gpus/--nnodes start their own processes; do not combine them with --launcher")
         check_dataset(p, opts.data_root)
-        check_work_dir(opts.work_dir)
-        rc = launch(_child_args(command, preset, overrides, opts, as_json), **layout)
+        wd = check_work_dir(opts.work_dir)
+        status = wd / f".dtop-status-{os.getpid()}.json"
+        try:
+            rc = launch(_child_args(command, preset, overrides, opts, as_json), status_file=status, **layout)
+            stopped = _read_status(status)
+        finally:
+            status.unlink(missing_ok=True)
+        if stopped is not None:  # rank 0 stopped on purpose: its line and exit code
+            raise RunStopped(stopped["message"], exit_code=int(stopped["exit_code"]))
         if rc != 0:
             err.print(f"[bold red]error:[/] distributed run failed (exit code {rc})")
         raise typer.Exit(0 if rc == 0 else 1)
@@ -300,6 +320,7 @@ def train_cmd(
     launcher: str = LauncherOpt,
     amp: bool = AmpOpt,
     resume: bool = ResumeOpt,
+    resume_auto: bool = ResumeAutoOpt,
     max_iters: Optional[int] = MaxItersOpt,
     pretrained: Optional[Path] = PretrainedOpt,
     seed: int = SeedOpt,
@@ -315,8 +336,9 @@ def train_cmd(
     from .runtime.tracking import parse_log_to
 
     opts = RunOptions("base", data_root=data_root, work_dir=work_dir, max_iters=max_iters, amp=amp,
-                      resume=resume, launcher=launcher, pretrained=pretrained, seed=seed, verbose=verbose,
-                      log_to=parse_log_to(log_to), wandb_project=wandb_project, wandb_name=wandb_name)
+                      resume="auto" if resume_auto else resume, launcher=launcher, pretrained=pretrained, seed=seed,
+                      verbose=verbose, log_to=parse_log_to(log_to), wandb_project=wandb_project,
+                      wandb_name=wandb_name)
     _run_phase("train", preset, overrides, opts, dict(gpus=gpus, nnodes=nnodes, node_rank=node_rank,
                                                       master_addr=master_addr, master_port=master_port), as_json)
 
@@ -338,6 +360,7 @@ def prune_cmd(
     launcher: str = LauncherOpt,
     amp: bool = AmpOpt,
     resume: bool = ResumeOpt,
+    resume_auto: bool = ResumeAutoOpt,
     max_iters: Optional[int] = MaxItersOpt,
     seed: int = SeedOpt,
     verbose: bool = VerboseOpt,
@@ -352,7 +375,8 @@ def prune_cmd(
     from .runtime.tracking import parse_log_to
 
     opts = RunOptions("prune", data_root=data_root, work_dir=work_dir, base_checkpoint=from_ckpt,
-                      max_iters=max_iters, threshold=thresh, topk=topk, amp=amp, resume=resume,
+                      max_iters=max_iters, threshold=thresh, topk=topk, amp=amp,
+                      resume="auto" if resume_auto else resume,
                       launcher=launcher, seed=seed, verbose=verbose, log_to=parse_log_to(log_to),
                       wandb_project=wandb_project, wandb_name=wandb_name)
     _run_phase("prune", preset, overrides, opts, dict(gpus=gpus, nnodes=nnodes, node_rank=node_rank,
@@ -649,11 +673,42 @@ def sweep_cmd(
 
 # --------------------------------------------------------------------------- entry point
 
+def _normalize_resume(args: list[str]) -> list[str]:
+    """``--resume auto`` / ``--resume=auto`` -> ``--resume-auto``: ``--resume`` stays a flag
+    (typer options cannot take an optional value) and ``auto`` is never a positional of
+    train or prune."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--resume=auto" or (a == "--resume" and i + 1 < len(args) and args[i + 1] == "auto"):
+            out.append("--resume-auto")
+            i += 1 if a == "--resume=auto" else 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _report_stop(e: RunStopped) -> None:
+    """One line from the first process (all of them stop together). A torchrun worker writes
+    it to the status file instead: its launcher prints it and exits with its code."""
+    from .runtime.launch import STATUS_FILE_ENV, is_rank0
+
+    if not is_rank0():
+        return
+    path = os.environ.get(STATUS_FILE_ENV)
+    if path:
+        from .fsutil import atomic_write
+
+        atomic_write(path, json.dumps({"message": str(e), "exit_code": e.exit_code}).encode())
+        return
+    err.print(f"[bold red]stopped:[/] {e}", highlight=False, soft_wrap=True)
+
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Console-script entry: maps UserError to exit 2 with one line, other errors to 1."""
-    import os
-
+    """Console-script entry: maps UserError to exit 2 with one line, other errors to 1, a run
+    stopped on purpose (RunStopped) to its own code."""
     # OpenMP threads that spin while waiting make torch on a busy small CPU (data workers,
     # other jobs) many times slower; idle threads must sleep. Read once, when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -662,7 +717,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ImportError:  # older typer, built on the click package
         from click.exceptions import ClickException
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _normalize_resume(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
@@ -681,6 +736,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise
         # the message is plain text: brackets in it (pip extras, lists) are not markup
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except RunStopped as e:
+        if debug:
+            raise
+        _report_stop(e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

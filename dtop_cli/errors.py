@@ -16,3 +16,13 @@ class UserError(Exception):
 
 class UnsafeCheckpointError(UserError):
     """A checkpoint's pickle would construct something outside the allow-list."""
+
+
+class RunStopped(Exception):
+    """A training run that stopped on purpose before its end (a stop signal, a non-finite
+    loss, a checkpoint that could not be written): one line on stderr and ``exit_code``,
+    never a traceback. What was saved, and how to go on, is in the message."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

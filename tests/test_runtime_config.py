@@ -79,7 +79,7 @@ def test_config_values_follow_the_preset(tiny, tmp_path: Path) -> None:
     assert (poly.type, poly.power, poly.eta_min) == ("PolyLR", o.poly_power, 0.0)
     assert (poly.begin, poly.end) == (o.warmup_iters, tiny.schedule.base.poly_iters)
     assert not warm.by_epoch and not poly.by_epoch
-    assert cfg.train_cfg == dict(type="IterBasedTrainLoop", max_iters=tiny.schedule.base.iters,
+    assert cfg.train_cfg == dict(type="DToPTrainLoop", max_iters=tiny.schedule.base.iters,
                                  val_interval=tiny.schedule.val_interval)
     ck = cfg.default_hooks.checkpoint
     assert (ck.type, ck.interval, ck.max_keep_ckpts, ck.save_last, ck.by_epoch) == (
@@ -90,7 +90,7 @@ def test_config_values_follow_the_preset(tiny, tmp_path: Path) -> None:
     assert cfg.train_dataloader.num_workers <= (os.cpu_count() or 1)
     assert cfg.val_evaluator == dict(type="IoUMetric", iou_metrics=["mIoU"])
     assert cfg.default_scope == "mmseg"
-    assert "dtop_cli.model" in cfg.custom_imports.imports
+    assert {"dtop_cli.model", "dtop_cli.runtime.hooks", "dtop_cli.data.transforms"} <= set(cfg.custom_imports.imports)
     assert cfg.env_cfg.dist_cfg.backend == "gloo"
     assert cfg.model.type == "DToPSegmentor"
     assert cfg.model.exit_cfg.threshold == 1.0  # base phase: nothing exits
@@ -100,14 +100,15 @@ def test_config_values_follow_the_preset(tiny, tmp_path: Path) -> None:
     assert ds.reduce_zero_label is True
     assert len(ds.metainfo["classes"]) == tiny.data.num_classes
     steps = [t["type"] for t in ds.pipeline]
-    expected = ["LoadImageFromFile", "LoadAnnotations", "RandomResize", "RandomCrop", "RandomFlip",
+    expected = ["LoadSegPair", "RandomResize", "RandomCrop", "RandomFlip",
                 "PhotoMetricDistortion", "PackSegInputs"]
     if not tiny.data.photometric:
         expected.remove("PhotoMetricDistortion")
     assert steps == expected
-    rr = ds.pipeline[2]
+    assert ds.pipeline[0] == dict(type="LoadSegPair", dataset=tiny.data.dataset)
+    rr = ds.pipeline[1]
     assert rr["scale"] == tuple(tiny.data.train_scale) and rr["ratio_range"] == tuple(tiny.data.resize_ratio)
-    assert ds.pipeline[3]["crop_size"] == tuple(tiny.data.crop)
+    assert ds.pipeline[2]["crop_size"] == tuple(tiny.data.crop)
     assert [t["type"] for t in cfg.val_dataloader.dataset.pipeline] == [
         "LoadImageFromFile", "Resize", "LoadAnnotations", "PackSegInputs"]
     assert cfg.work_dir == str((tmp_path / "wd").resolve())
@@ -288,5 +289,5 @@ def test_paper_presets_keep_the_papers_augmentation():
     """Random rescale 0.5-2.0 and photometric distortion (method.md) for every paper preset."""
     for name in ("segvit-base-ade", "segvit-large-ade", "segvit-large-pc", "segvit-large-cocostuff"):
         train, _ = pipelines(load_preset(name))
-        assert train[2]["ratio_range"] == (0.5, 2.0), name
+        assert train[1]["ratio_range"] == (0.5, 2.0), name
         assert any(t["type"] == "PhotoMetricDistortion" for t in train), name

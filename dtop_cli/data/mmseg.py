@@ -46,8 +46,8 @@ def pipelines(preset: Preset) -> tuple[list[dict], list[dict]]:
     """(train, test) mmseg pipelines of the preset."""
     d = preset.data
     train = [
-        dict(type="LoadImageFromFile"),
-        dict(type="LoadAnnotations"),  # reduce_zero_label comes from the dataset
+        # LoadImageFromFile + LoadAnnotations; a bad pair is an error that names it
+        dict(type="LoadSegPair", dataset=d.dataset),
         dict(type="RandomResize", scale=tuple(d.train_scale), ratio_range=tuple(d.resize_ratio), keep_ratio=True),
         dict(type="RandomCrop", crop_size=tuple(d.crop), cat_max_ratio=d.cat_max_ratio),
         dict(type="RandomFlip", prob=0.5),
@@ -90,6 +90,7 @@ def register_modules() -> None:
 
     from .. import model  # noqa: F401  (registers DToP modules)
     from ..safeload import install_safe_globals
+    from . import transforms  # noqa: F401  (registers LoadSegPair)
 
     register_all_modules(init_default_scope=False)
     install_safe_globals()

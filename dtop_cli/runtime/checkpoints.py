@@ -5,16 +5,31 @@ the newest complete one (mmengine's convention; both are written atomically by
 :class:`~dtop_cli.runtime.hooks.AtomicCheckpointHook`). A checkpoint's ``meta['dtop']``
 records what the weights are: the preset, the phase and the exit threshold they were
 trained with.
+
+Resuming is handled here too: which checkpoint a ``--resume`` continues from when the newest
+one cannot be read (:func:`find_resume_checkpoint`), and the random-number state a checkpoint
+carries so that a resumed run draws the same augmentations and the same data order as one
+that was never stopped (:func:`rng_state`, :func:`restore_rng_state`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import UserError
 
 LAST_CHECKPOINT = "last_checkpoint"
+#: Suffix an unreadable checkpoint is renamed to when a run resumes from an older one: it is
+#: kept (never deleted), and the resumed run cannot write over it.
+SET_ASIDE_SUFFIX = ".unreadable"
+#: Key of a checkpoint's resume state: RNG states and the training sampler's seed/position.
+TRAIN_STATE = "dtop_train_state"
 
 PathLike = Union[str, Path]
 
@@ -42,6 +57,152 @@ def latest_checkpoint(work_dir: PathLike) -> Optional[Path]:
             return target
     found = iteration_checkpoints(work_dir)
     return found[0][1] if found else None
+
+
+def _iteration_of(path: Path) -> int:
+    stem = path.stem.removeprefix("iter_")
+    return int(stem) if path.name.startswith("iter_") and stem.isdigit() else -1
+
+
+def resume_candidates(work_dir: PathLike) -> list[Path]:
+    """Every checkpoint a resume could start from, newest iteration first: the ``iter_N.pth``
+    files and whatever ``last_checkpoint`` names (a target outside the ``iter_N`` naming
+    comes first: the pointer is only ever moved forward)."""
+    found = [p for _, p in iteration_checkpoints(work_dir)]
+    pointer = Path(work_dir) / LAST_CHECKPOINT
+    if pointer.is_file():
+        try:
+            target = Path(pointer.read_text().strip())
+        except OSError:
+            target = None
+        if target is not None and str(target) and target.is_file() and target not in found:
+            found.append(target)
+    return sorted(found, key=_iteration_of, reverse=True)
+
+
+def resume_problem(path: PathLike) -> Optional[str]:
+    """Why a run cannot resume from ``path`` (None: it can). Reads the file memory-mapped."""
+    from ..safeload import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except UserError as e:
+        return str(e).removeprefix(f"{path}: ")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        return "it holds no state_dict"
+    meta = ckpt.get("meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("iter"), int):
+        return "it records no iteration (not a checkpoint of a training run)"
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resume continues from, and the newer ones it had to pass over."""
+
+    checkpoint: Optional[Path]
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+
+
+def find_resume_checkpoint(work_dir: PathLike) -> ResumePoint:
+    """The newest checkpoint in ``work_dir`` that a run can resume from.
+
+    A newest checkpoint that cannot be read (a node died while copying it, a disk filled up
+    under another tool) is passed over for the one before it, and reported.
+    """
+    point = ResumePoint(None)
+    for path in resume_candidates(work_dir):
+        why = resume_problem(path)
+        if why is None:
+            point.checkpoint = path
+            return point
+        point.unreadable.append((path, why))
+    return point
+
+
+def set_aside(path: PathLike) -> Path:
+    """Rename an unreadable checkpoint to ``NAME.unreadable`` (``.unreadable.2``, ... if
+    taken) and return the new path: its bytes stay for inspection, and the resumed run,
+    which will save a checkpoint of the same name, cannot overwrite it."""
+    path = Path(path)
+    target = path.with_name(path.name + SET_ASIDE_SUFFIX)
+    n = 2
+    while target.exists():
+        target = path.with_name(f"{path.name}{SET_ASIDE_SUFFIX}.{n}")
+        n += 1
+    os.rename(path, target)
+    return target
+
+
+# --------------------------------------------------------------------------- what a resume restores
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random-number generator a training step draws from: python's
+    ``random`` and numpy's (data augmentation in the main process), torch's CPU and CUDA
+    generators (initialisation, dropout, drop-path). Saved with each checkpoint, as
+    accelerate's ``save_state`` does."""
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`rng_state` recorded (CUDA generators only for the same GPU count)."""
+    import numpy as np
+    import torch
+
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in state:
+        np.random.set_state(tuple(state["numpy"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without moving any random-number generator on: validation draws (torch's
+    DataLoader takes a seed from the global generator), and a run that validated at an
+    iteration must continue exactly as one resumed from a checkpoint of that iteration."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what a checkpoint of it takes."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 # --------------------------------------------------------------------------- what a checkpoint is

@@ -27,7 +27,9 @@ from .tracking import vis_backends as tracking_backends
 PHASES = ("base", "prune")
 LAUNCHERS = ("none", "pytorch", "slurm")
 #: Modules a config must import so that mmseg's registries know dtop's model and hooks.
-CUSTOM_IMPORTS = ["dtop_cli.model", "dtop_cli.runtime.hooks", "dtop_cli.runtime.tracking"]
+CUSTOM_IMPORTS = ["dtop_cli.model", "dtop_cli.runtime.hooks", "dtop_cli.runtime.tracking", "dtop_cli.data.transforms"]
+#: ``resume`` values: no, the newest readable checkpoint (must exist), or that if any exists.
+RESUME_MODES = (False, True, "auto")
 
 PathLike = Union[str, Path]
 
@@ -52,7 +54,7 @@ class RunOptions:
     threshold: Optional[float] = None
     topk: Optional[int] = None
     amp: bool = False
-    resume: bool = False
+    resume: Union[bool, str] = False  # False, True (must exist) or "auto" (if one exists)
     launcher: str = "none"
     pretrained: Optional[PathLike] = None
     seed: int = 0
@@ -74,6 +76,8 @@ class RunOptions:
             check_threshold(self.threshold)
             if self.phase == "base" and self.threshold != 1.0:
                 raise UserError("the base phase trains with threshold 1.0; use `dtop prune --thresh` for exits")
+        if self.resume not in RESUME_MODES:
+            raise UserError(f"--resume takes no value or 'auto' (got {self.resume!r})")
         if self.launcher not in LAUNCHERS:
             raise UserError(f"--launcher must be none, pytorch or slurm (got {self.launcher})")
         if self.phase == "base" and self.base_checkpoint is not None:
@@ -242,7 +246,7 @@ def build_config(
         test_evaluator=evaluator,
         optim_wrapper=optim_wrapper,
         param_scheduler=param_scheduler,
-        train_cfg=dict(type="IterBasedTrainLoop", max_iters=sched.iters, val_interval=sched.val_interval),
+        train_cfg=dict(type="DToPTrainLoop", max_iters=sched.iters, val_interval=sched.val_interval),
         val_cfg=dict(type="ValLoop"),
         test_cfg=dict(type="TestLoop"),
         default_hooks=default_hooks,

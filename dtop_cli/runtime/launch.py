@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+
+#: Set by :func:`launch` for its workers: where rank 0 reports a run that stopped on purpose.
+STATUS_FILE_ENV = "DTOP_STATUS_FILE"
 
 
 def torchrun_command(child_args: list[str], *, gpus: int, nnodes: int = 1, node_rank: int = 0,
@@ -34,12 +40,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(child_args: list[str], **layout: Any) -> int:
-    """Run the distributed job in the foreground; returns its exit code (0 = every rank done)."""
+def launch(child_args: list[str], status_file: Optional[Path] = None, **layout: Any) -> int:
+    """Run the distributed job in the foreground; returns its exit code (0 = every rank done).
+
+    SIGTERM sent to this process (a scheduler stopping the job) goes on to torchrun, which
+    passes it to every worker: they stop together after a checkpoint. (Ctrl-C reaches them
+    from the terminal directly.) ``status_file``: where rank 0 reports a run that stopped on
+    purpose (:data:`STATUS_FILE_ENV`)."""
     cmd = torchrun_command(child_args, **layout)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, layout.get("gpus", 1)))))
-    return subprocess.call(cmd, env=env)
+    if status_file is not None:
+        env[STATUS_FILE_ENV] = str(status_file)
+    proc = subprocess.Popen(cmd, env=env)
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(s)),
+                signal.SIGINT: signal.signal(signal.SIGINT, lambda s, f: None)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def init_distributed(launcher: str, device: Optional[str]) -> Optional[str]:

@@ -2,8 +2,12 @@
 
 All checks that can fail on bad input run before the (slow) runner is built: dataset
 folder, work dir, checkpoint architecture, pretrained weights, device. The run writes
-checkpoints atomically (:mod:`.hooks`); ``resume`` continues from the work dir's last
-complete one.
+checkpoints atomically (:mod:`.hooks`); ``resume`` continues from the work dir's newest
+readable one (an unreadable newer one is reported and set aside, never deleted).
+
+A run that ends early on purpose raises :class:`~dtop_cli.errors.RunStopped`: a stop signal
+(after a complete checkpoint; exit 128 + signal number), a non-finite loss (nothing saved
+from that step), a checkpoint that could not be written.
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ from mmengine.hooks import Hook
 
 from ..console import LinesToLog, Progress, quiet_mmengine_console
 from ..data.mmseg import check_dataset, register_modules
-from ..errors import UserError
-from ..fsutil import check_work_dir
+from ..errors import RunStopped, UserError
+from ..fsutil import atomic_write, check_work_dir
 from ..presets import Preset
 from . import hooks  # noqa: F401  (registers the hooks the config names)
-from .checkpoints import checkpoint_meta, latest_checkpoint
+from .checkpoints import (
+    LAST_CHECKPOINT,
+    checkpoint_meta,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    set_aside,
+)
 from .config import RunOptions, build_config, schedule
+from .launch import is_rank0
+from .stopping import signal_exit_code, signal_name
 from .weights import resolve_pretrained
 
 
@@ -82,6 +94,72 @@ def _init_cpu_dist(launcher: str, cuda: bool) -> None:
         dist.init_process_group(backend="gloo")
 
 
+def _warn(console: Any, message: str) -> None:
+    if not is_rank0():
+        return
+    if console is not None:
+        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _remove_partial_writes(work_dir: Path, console: Any) -> None:
+    """A checkpoint write killed half-way (SIGKILL, a dead node) leaves its hidden temporary
+    file; it is never a checkpoint and may be gigabytes: remove it."""
+    if not is_rank0():
+        return
+    for part in work_dir.glob(".iter_*.pth.part"):
+        part.unlink(missing_ok=True)
+        _warn(console, f"removed {part.name}, a checkpoint write that did not finish")
+
+
+def resume_from(work_dir: Path, mode: Any, console: Any = None) -> Optional[Path]:
+    """The checkpoint ``--resume`` (``mode`` True) or ``--resume auto`` continues from.
+
+    Unreadable newer checkpoints are named in a warning and renamed to ``NAME.unreadable``
+    (by the first process only): kept for inspection, never overwritten by the resumed run.
+    None: ``auto`` and no checkpoint at all (the run starts from the beginning).
+    """
+    point = find_resume_checkpoint(work_dir)
+    if point.checkpoint is None:
+        if point.unreadable:
+            listed = "; ".join(f"{p.name} ({why})" for p, why in point.unreadable)
+            raise UserError(f"no readable checkpoint to resume in {work_dir}: {listed}")
+        if mode == "auto":
+            return None
+        raise UserError(f"nothing to resume in {work_dir}: no last_checkpoint or iter_*.pth there")
+    for bad, why in point.unreadable:
+        kept = set_aside(bad) if is_rank0() and bad.exists() else bad.with_name(bad.name + ".unreadable")
+        _warn(console, f"{bad} is not a readable checkpoint ({why}); resuming from {point.checkpoint.name} "
+                       f"instead (the unreadable file is kept as {kept.name})")
+    if point.unreadable and is_rank0():
+        atomic_write(work_dir / LAST_CHECKPOINT, str(point.checkpoint).encode())
+    return point.checkpoint
+
+
+def _stopped(stop: Any, max_iters: int) -> RunStopped:
+    """The one line (and exit code) a run that ended early reports."""
+    if stop.kind == "signal":
+        return RunStopped(f"{signal_name(stop.signum)} after iteration {stop.iteration} of {max_iters}; "
+                          f"saved {stop.checkpoint}: run the same command with --resume to continue",
+                          exit_code=signal_exit_code(stop.signum))
+    terms = ", ".join(f"{k}={v}" for k, v in stop.terms.items()) or "on another process"
+    last = (f"the last good checkpoint is {stop.checkpoint} (--resume continues from it)" if stop.checkpoint
+            else "no checkpoint was written before it")
+    return RunStopped(f"non-finite loss at iteration {stop.iteration}: {terms}; stopped without saving that step, "
+                      f"{last}", exit_code=1)
+
+
+def _from_data_worker(e: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker comes back with the worker's traceback as its
+    message: keep the original line."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    return UserError(last.split("Error: ", 1)[-1])
+
+
 def train(preset: Preset, opts: RunOptions, console: Any = None) -> dict[str, Any]:
     """Run one training phase end to end and return what it produced.
 
@@ -113,10 +191,12 @@ def train(preset: Preset, opts: RunOptions, console: Any = None) -> dict[str, An
 
         load_weights(build_model(preset, threshold=1.0), base)  # strict: same architecture
         load_from = base
+    _remove_partial_writes(wd, console)
     if opts.resume:
-        last = latest_checkpoint(wd)
-        if last is None:
-            raise UserError(f"nothing to resume in {wd}: no last_checkpoint or iter_*.pth there")
+        last = resume_from(wd, opts.resume, console)
+        if last is None:  # --resume auto, nothing there yet
+            opts = opts.replace(resume=False)
+    if opts.resume:
         info = checkpoint_meta(last).get("dtop") or {}
         if info and (info.get("phase") != phase or info.get("preset") != preset.name):
             raise UserError(f"{last} is from a {info.get('phase')} run of preset '{info.get('preset')}', "
@@ -145,7 +225,15 @@ def train(preset: Preset, opts: RunOptions, console: Any = None) -> dict[str, An
     with contextlib.redirect_stdout(sys.stderr if opts.verbose else LinesToLog(runner.logger)):
         if is_main_process():
             runner.register_hook(progress)
-        runner.train()
+        try:
+            runner.train()
+        except UserError as e:  # a damaged image/label pair, found by the data pipeline
+            raise _from_data_worker(e) from None
+        finally:
+            progress.after_train(runner)
+    stop = getattr(runner.train_loop, "stop", None)
+    if stop is not None:
+        raise _stopped(stop, sched.iters)
     last = latest_checkpoint(wd)
     return {
         "phase": phase,
