@@ -562,19 +562,22 @@ def quickstart_cmd(
                                              help="Shorten base training (smoke runs)."),
     prune_iters: Optional[int] = typer.Option(None, "--prune-iters",
                                               help="Shorten pruned fine-tuning (smoke runs)."),
+    pretrain: bool = typer.Option(False, "--pretrain",
+                                  help="Pretrain the backbone here instead of starting from the shipped file "
+                                       "(presets/weights; adds minutes)."),
     pretrain_iters: Optional[int] = typer.Option(None, "--pretrain-iters",
-                                                 help="Shorten backbone pretraining (smoke runs)."),
+                                                 help="Pretrain here for this many iterations (implies --pretrain)."),
     n_train: Optional[int] = typer.Option(None, "--train-images",
                                           help="Smaller synthetic training set (smoke runs)."),
     n_val: Optional[int] = typer.Option(None, "--val-images",
                                         help="Smaller synthetic validation set (smoke runs)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """The embedded demo end to end: prepare synthetic, pretrain, train, prune, eval --flops of both."""
+    """The embedded demo end to end: prepare synthetic, train from the demo backbone, prune, eval --flops of both."""
     from .commands.quickstart import quickstart
 
     s = quickstart(work_dir, seed=seed, base_iters=base_iters, prune_iters=prune_iters,
-                   pretrain_iters=pretrain_iters, n_train=n_train, n_val=n_val, console=err)
+                   pretrain_iters=pretrain_iters, n_train=n_train, n_val=n_val, pretrain=pretrain, console=err)
     if as_json:
         emit_json(s)
         return

@@ -158,3 +158,45 @@ def test_mask_count_is_all_reduced_over_processes(tmp_path: Path) -> None:
             assert abs(r["got"][k] - v) < 1e-5, (k, r["got"][k], v)
         # and it is not the local normalisation
         assert abs(r["got"]["loss_mask"] - local["loss_mask"]) > 1e-4
+
+
+# --------------------------------------------------------------------------- the fast forms
+
+
+@pytest.mark.parametrize("pixels", [False, True])
+@pytest.mark.parametrize("gamma", [2.0, 1.5])
+def test_fused_focal_dice_equals_the_autograd_form(pixels: bool, gamma: float) -> None:
+    """Values and gradients of the one-pass mask terms equal the plain autograd formulas."""
+    from dtop_cli.model.loss import dice_loss, focal_dice, sigmoid_focal_loss
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 400, generator=g, dtype=torch.double) * 4).requires_grad_()
+    t = (torch.rand(6, 400, generator=g) > 0.7).double()
+    pix = (torch.rand(6, 400, generator=g) > 0.25).double() if pixels else None
+    focal, dice = focal_dice(x, t, 0.25, gamma, pix)
+    el = sigmoid_focal_loss(x, t, 0.25, gamma)
+    ref_focal = el.mean(-1) if pix is None else (el * pix).sum(-1) / pix.sum(-1)
+    ref_dice = dice_loss(x, t, pix)
+    assert torch.allclose(focal, ref_focal, atol=1e-12) and torch.allclose(dice, ref_dice, atol=1e-12)
+    wf, wd = torch.randn(6, generator=g, dtype=torch.double), torch.randn(6, generator=g, dtype=torch.double)
+    (grad,) = torch.autograd.grad((focal * wf).sum() + (dice * wd).sum(), x)
+    (ref,) = torch.autograd.grad((ref_focal * wf).sum() + (ref_dice * wd).sum(), x)
+    assert torch.allclose(grad, ref, atol=1e-12)
+    if pix is not None:  # pixels that take no part get no gradient
+        assert grad[pix == 0].abs().max() == 0
+    assert torch.autograd.gradcheck(lambda v: focal_dice(v, t, 0.25, gamma, pix), (x,))
+
+
+@pytest.mark.parametrize("size", [(256, 192), (37, 50), (16, 12), (5, 7)])
+def test_matrix_upsampling_equals_interpolate(size: tuple[int, int]) -> None:
+    """Bilinear resizing as two matrix products: torch's values (align_corners=False), up and down."""
+    from dtop_cli.model.loss import upsample_bilinear
+
+    x = torch.randn(3, 4, 16, 12, dtype=torch.double, requires_grad=True)
+    ours = upsample_bilinear(x, size)
+    ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-12)
+    w = torch.randn_like(ref)
+    (g1,) = torch.autograd.grad((ours * w).sum(), x)
+    (g2,) = torch.autograd.grad((ref * w).sum(), x)
+    assert torch.allclose(g1, g2, atol=1e-12)

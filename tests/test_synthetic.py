@@ -164,3 +164,17 @@ def test_full_default_set_is_quick_enough_to_generate(tmp_path: Path) -> None:
     info = S.make_synthetic(tmp_path, n_train=8, n_val=2)
     img = cv2.imread(str(next((tmp_path / "synthetic/images/training").glob("*.jpg"))))
     assert img.shape == (256, 256, 3) and info["size"] == 256
+
+
+def test_parallel_drawing_writes_the_same_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawing in two processes gives the very bytes of drawing in one (each image has its own stream)."""
+    monkeypatch.setattr(S, "_workers", lambda n: 1)
+    S.make_synthetic(tmp_path / "one", n_train=9, n_val=2, size=64)
+    monkeypatch.setattr(S, "_workers", lambda n: 2)
+    S.make_synthetic(tmp_path / "two", n_train=9, n_val=2, size=64)
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    one, two = files(tmp_path / "one"), files(tmp_path / "two")
+    assert len(one) == 2 * (9 + 2) + 2 and one == two

@@ -253,7 +253,7 @@ def test_config_command(run_cli, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quickstart_smoke(tmp_path: Path) -> None:
     wd = tmp_path / "qs"
-    s = one_json(dtop("quickstart", "--work-dir", str(wd), "--pretrain-iters", "2", "--base-iters", "2",
+    s = one_json(dtop("quickstart", "--work-dir", str(wd), "--base-iters", "2",
                       "--prune-iters", "1", "--train-images", "8", "--val-images", "3", "--json",
                       cwd=tmp_path))
     assert json.loads((wd / "summary.json").read_text()) == s
@@ -261,7 +261,9 @@ def test_quickstart_smoke(tmp_path: Path) -> None:
     assert set(s["base"]) >= {"miou", "gflops", "stage_miou"} and len(s["base"]["stage_miou"]) == 3
     assert set(s["pruned"]) >= {"miou", "gflops", "exit_share"} and len(s["pruned"]["exit_share"]) == 3
     assert s["base"]["gflops"] > 0
-    assert s["pretrain"]["iters"] == 2 and Path(s["pretrain"]["path"]).is_file()
+    # the shipped demo backbone, not a pretraining run
+    assert s["pretrain"]["shipped"] and Path(s["pretrain"]["path"]).name == "tiny-synthetic-vit.pth"
+    assert not (wd / "pretrain").exists()
     # two runners in one process: each run's scalars in its own file, never appended to the other's
     for run, iters in (("base", [1, 2]), ("prune", [1])):
         files = list((wd / run).glob("*/vis_data/scalars.json"))
@@ -280,7 +282,7 @@ def test_four_stage_preset_trains_prunes_and_evaluates(data_root: Path, tmp_path
 
     spec = yaml.safe_load((REPO / "presets" / f"{PRESET}.yaml").read_text())
     spec["name"] = "tiny-four-stages"
-    spec["model"].update(num_layers=8, stage_ends=[1, 3, 5, 7])
+    spec["model"].update(num_layers=8, stage_ends=[1, 3, 5, 7], pretrained=None)  # the shipped backbone has 6
     preset = tmp_path / "four.yaml"
     preset.write_text(yaml.safe_dump(spec))
     common = ["-p", str(preset), "--data-root", str(data_root), "--json"]

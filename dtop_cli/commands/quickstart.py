@@ -1,8 +1,9 @@
 """`dtop quickstart`: the whole DToP story on the embedded demo, in minutes on a CPU.
 
-prepare synthetic -> pretrain the tiny backbone (the demo's stand-in for the ImageNet weights
-every real preset starts from, see ``dtop_cli.pretrain``) -> train the base model from it
-(threshold 1.0) -> prune (fine-tune with exits on) -> evaluate both with FLOPs. The summary answers the questions the method raises: how
+prepare synthetic -> train the base model (threshold 1.0) from the demo's pretrained backbone
+(shipped in ``presets/weights``, the stand-in for the ImageNet weights every real preset
+starts from; ``pretrain=True`` makes it anew, see ``commands.pretrain``) -> prune (fine-tune
+with exits on) -> evaluate both with FLOPs. The summary answers the questions the method raises: how
 good is each exit on its own (base ``stage_miou``), how much work did pruning save (GFLOPs,
 ``exit_share``) and what did it cost (mIoU). It is written to ``summary.json`` in the work dir.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..console import Progress
+from ..errors import UserError
 from ..fsutil import atomic_write, check_work_dir
 from ..presets import load_preset
 
@@ -30,16 +32,20 @@ def quickstart(
     pretrain_iters: Optional[int] = None,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
+    pretrain: bool = False,
     console: Any = None,
 ) -> dict[str, Any]:
     """Run the demo in ``work_dir`` (data, both runs, summary.json) and return the summary.
 
-    ``pretrain_iters``/``base_iters``/``prune_iters`` shorten the schedules, ``n_train``/``n_val`` the dataset
-    (for a fast smoke run; the defaults are the real demo).
+    ``pretrain``: pretrain the backbone here (``pretrain_iters`` iterations, default the
+    preset's) instead of starting from the shipped file. ``base_iters``/``prune_iters``
+    shorten the schedules, ``n_train``/``n_val`` the dataset (for a fast smoke run; the
+    defaults are the real demo).
     """
     from ..data.synthetic import make_synthetic
     from ..runtime.config import RunOptions
     from ..runtime.train import train
+    from ..runtime.weights import resolve_pretrained
     from .evaluate import evaluate
     from .pretrain import pretrain_backbone
 
@@ -56,17 +62,26 @@ def quickstart(
     # A rerun with other sizes regenerates the demo's own data (never anything else).
     make_synthetic(data_root, overwrite=True, **kw)
 
-    pre: Optional[dict[str, Any]] = None
-    if preset.pretrain is not None:
+    pre: dict[str, Any]
+    if pretrain or pretrain_iters is not None:
+        if preset.pretrain is None:  # pragma: no cover - the demo preset has one
+            raise UserError(f"preset '{PRESET}' has no pretrain section")
         if console is not None:
             console.print("[bold]2/5[/] backbone pretraining (per-token classification, training split)")
         iters = preset.pretrain.iters if pretrain_iters is None else pretrain_iters
-        pre = pretrain_backbone(preset, data_root, wd / "pretrain" / "backbone.pth", iters=iters,
-                                lr=preset.pretrain.lr, seed=seed, console=console)
+        pre = {**pretrain_backbone(preset, data_root, wd / "pretrain" / "backbone.pth", iters=iters,
+                                   lr=preset.pretrain.lr, seed=seed, console=console), "shipped": False}
+    else:
+        weights = resolve_pretrained(preset, None)
+        if weights is None:  # pragma: no cover - the demo preset names its file
+            raise UserError(f"preset '{PRESET}' names no pretrained backbone")
+        pre = {"path": str(weights), "shipped": True}
+        if console is not None:
+            console.print(f"[bold]2/5[/] pretrained backbone: {weights} (shipped; --pretrain makes it anew)")
     if console is not None:
         console.print("[bold]3/5[/] base training (threshold 1.0: every token runs every layer)")
     base = train(preset, RunOptions("base", data_root=data_root, work_dir=wd / "base", max_iters=base_iters,
-                                    pretrained=None if pre is None else pre["path"], seed=seed, validate=False),
+                                    pretrained=pre["path"], seed=seed, validate=False),
                  console)
     if console is not None:
         console.print(f"[bold]4/5[/] pruned fine-tuning (threshold {preset.exit.threshold:g})")
@@ -83,8 +98,7 @@ def quickstart(
                       progress=bar)
     summary = {
         "preset": PRESET,
-        "pretrain": None if pre is None else {"iters": pre["iters"], "train_pixel_acc": pre["train_pixel_acc"],
-                                              "seconds": pre["seconds"], "path": pre["path"]},
+        "pretrain": pre,
         "base": {"miou": eb["miou"], "aacc": eb["aacc"], "gflops": eb.get("gflops"),
                  "stage_miou": eb["stage_miou"], "checkpoint": base["checkpoint"],
                  "train_seconds": base["seconds"], "iters": base["iters"]},

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import UserError
-from ..presets import Preset
+from ..presets import PRESET_DIR, Preset
 
 
 def cache_dir() -> Path:
@@ -15,6 +15,23 @@ def cache_dir() -> Path:
     base = os.environ.get("DTOP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                                        os.path.expanduser("~/.cache"), "dtop")
     return Path(base) / "pretrained"
+
+
+def preset_relative(preset: Preset, name: str) -> Optional[Path]:
+    """An existing file named by a preset: as given (absolute, or relative to the current
+    folder), else beside the preset's own file, else in the shipped presets folder (where
+    the demo's backbone lives: ``weights/tiny-synthetic-vit.pth``). None if none exists."""
+    p = Path(name).expanduser()
+    candidates = [p]
+    if not p.is_absolute():
+        src = Path(preset.source) if preset.source else None
+        if src is not None and src.is_file():
+            candidates.append(src.parent / p)
+        candidates.append(PRESET_DIR / p)
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    return None
 
 
 def resolve_pretrained(preset: Preset, pretrained: Optional[Union[str, Path]],
@@ -30,10 +47,12 @@ def resolve_pretrained(preset: Preset, pretrained: Optional[Union[str, Path]],
     if not url:
         return None
     if "://" not in url:  # a path in the preset
-        p = Path(url).expanduser()
-        if not p.is_file():
-            raise UserError(f"preset '{preset.name}' names pretrained weights {p}, which do not exist")
-        return p.resolve()
+        p = preset_relative(preset, url)
+        if p is None:
+            raise UserError(f"preset '{preset.name}' names pretrained weights {url}, which do not exist "
+                            "(a relative path is looked up in the current folder, beside the preset file "
+                            f"and in {PRESET_DIR})")
+        return p
     from ..data.archives import download
 
     dest = cache_dir()
