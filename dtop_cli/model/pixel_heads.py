@@ -134,6 +134,20 @@ class SETRUpStageHead(_PixelHead):
         """tokens (B, L, D) -> (None, logits (B, K, L))."""
         return None, _per_token(self.norm(tokens), valid, self._token_logits).transpose(1, 2)
 
+    def dense_scores(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """mmseg's forward on the whole token grid (B, h*w, D) -> logits (B, K, h*s^n, w*s^n):
+        each block, then its upsample of the features, the classifier last. What the
+        segmentor outputs when no token left early (same values as class_scores of the
+        token logits up to rounding, and mmseg's cost)."""
+        B, _, D = tokens.shape
+        x = self.norm(tokens).transpose(1, 2).reshape(B, D, *grid)
+        for block in self.up_convs:
+            x = F.interpolate(block[0](x), scale_factor=self.up_scale, mode="bilinear",
+                              align_corners=self.align_corners)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.conv_seg(x)
+
     def class_scores(self, presence: Optional[Tensor], merged: Tensor) -> Tensor:
         """The blocks' upsamples, applied to the logits (B, K, h, w) -> (B, K, h*s^n, w*s^n)."""
         for _ in self.up_convs:

@@ -151,7 +151,13 @@ class DToPSegmentor(EncoderDecoder):
                 running = plan.counts
             x = X.gather_tokens(x, plan.idx)
         out_stage = S if self.eval_stage is None else self.eval_stage
-        scores = heads[out_stage - 1].class_scores(stage_presence[out_stage - 1], stage_masks[out_stage - 1])
+        head = heads[out_stage - 1]
+        if out_stage == S and pos is None and hasattr(head, "dense_scores"):
+            # no token left early: the head's own dense computation (mmseg's, for SETR:
+            # upsample the features, then classify), equal to class_scores up to rounding
+            scores = head.dense_scores(x, (gh, gw))
+        else:
+            scores = head.class_scores(stage_presence[out_stage - 1], stage_masks[out_stage - 1])
         return DToPOutput(scores, exit_stage.view(B, gh, gw), counts, stage_presence, stage_masks)
 
     def leaving_tokens(self, s: int, presence: Tensor, masks: Tensor, valid: Optional[Tensor],
