@@ -124,9 +124,10 @@ def test_threshold_one_equals_mmseg_inference(name, tmp_path):
 def test_zoo_layouts_load_as_the_issue_says(tmp_path):
     """SETR's file fits strictly; Segmenter's file: every key used, the added auxiliary heads
     reported as new keys, nothing else missing; a file lacking anything else is refused."""
-    from dtop_cli.errors import UserError
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
+
+    from dtop_cli.errors import UserError
 
     register_all_modules(init_default_scope=True)
     for name, layers, ends in (("setr-naive-large-ade", 4, [0, 1, 2, 3]), ("segmenter-base-ade", 3, [0, 1, 2])):

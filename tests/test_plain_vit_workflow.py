@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train_cli import dtop, one_json
 
 from dtop_cli import presets as P
 from dtop_cli.data.synthetic import make_synthetic
 from dtop_cli.model.build import build_model
 from dtop_cli.safeload import load_checkpoint
-from test_train_cli import dtop, one_json
 
 TINY_DATA = {"crop": [48, 48], "train_scale": [64, 64], "test_scale": [64, 64], "test_mode": "slide",
              "test_stride": [32, 32], "batch_size": 2, "num_workers": 0, "val_images": 3}
