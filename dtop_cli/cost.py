@@ -338,9 +338,9 @@ def cost_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int
             stage_heads += setr_dense_flops(heads[s], hw)
         elif s == S - 1 or aux_heads:
             stage_heads += head_flops(heads[s], n)
+    if not dense:  # the output head's upsampling of the merged logits (SETR)
+        stage_heads += output_flops(heads[out_stage - 1], hw)
     resize = resize_flops(model.decode_head.num_classes, out_hw)
-    if not dense:
-        resize += output_flops(heads[out_stage - 1], hw)
     return FlopBreakdown(float(backbone), float(stage_heads), float(resize))
 
 

@@ -289,11 +289,17 @@ def test_closed_form_equals_trace_with_exits():
         forced = [torch.zeros(1, N, dtype=torch.bool) for _ in range(model.num_stages - 1)]
         forced[0][0, :7] = True
         img = torch.randn(1, 3, 64, 64)
-        traced = FL.trace_flops(model, img, forced).total
+        traced = FL.trace_flops(model, img, forced)
         with torch.no_grad():
             counts = model.forward_dtop(img, forced).active_counts[0].tolist()
-        closed = FL.cost_from_counts(model, (4, 4), counts, aux_heads=True).total
-        assert closed == pytest.approx(traced, rel=1e-6), name
+        closed = FL.cost_from_counts(model, (4, 4), counts, aux_heads=True)
+        for part in ("backbone", "heads", "resize"):
+            assert getattr(closed, part) == pytest.approx(getattr(traced, part), rel=1e-6), (name, part)
+        with model.exit_mode(threshold=1.0):  # dense: SETR's decode head runs as mmseg's
+            dense = FL.trace_flops(model, img)
+            closed = FL.cost_from_counts(model, (4, 4), [16] * model.num_stages)
+        for part in ("backbone", "heads", "resize"):
+            assert getattr(closed, part) == pytest.approx(getattr(dense, part), rel=1e-6), (name, part)
 
 
 def test_aux_heads_cost_at_most_two_percent_of_the_backbone():

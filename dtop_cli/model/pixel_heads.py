@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule
+from mmseg.models.utils import Upsample
 from torch import Tensor, nn
 
 from .layers import trunc_normal_init
@@ -112,9 +113,10 @@ class SETRUpStageHead(_PixelHead):
         self.up_convs = nn.ModuleList()
         c_in = in_channels
         for _ in range(num_convs):
-            # the Upsample of mmseg's block has no weights; it is applied in class_scores
-            self.up_convs.append(nn.Sequential(ConvModule(c_in, channels, 1, norm_cfg=dict(type="BN"),
-                                                          act_cfg=dict(type="ReLU"))))
+            # mmseg's block: conv module, then its (weightless) upsample
+            self.up_convs.append(nn.Sequential(
+                ConvModule(c_in, channels, 1, norm_cfg=dict(type="BN"), act_cfg=dict(type="ReLU")),
+                Upsample(scale_factor=up_scale, mode="bilinear", align_corners=align_corners)))
             c_in = channels
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else None
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
@@ -142,17 +144,15 @@ class SETRUpStageHead(_PixelHead):
         B, _, D = tokens.shape
         x = self.norm(tokens).transpose(1, 2).reshape(B, D, *grid)
         for block in self.up_convs:
-            x = F.interpolate(block[0](x), scale_factor=self.up_scale, mode="bilinear",
-                              align_corners=self.align_corners)
+            x = block(x)
         if self.dropout is not None:
             x = self.dropout(x)
         return self.conv_seg(x)
 
     def class_scores(self, presence: Optional[Tensor], merged: Tensor) -> Tensor:
         """The blocks' upsamples, applied to the logits (B, K, h, w) -> (B, K, h*s^n, w*s^n)."""
-        for _ in self.up_convs:
-            merged = F.interpolate(merged, scale_factor=self.up_scale, mode="bilinear",
-                                   align_corners=self.align_corners)
+        for block in self.up_convs:
+            merged = block[1](merged)
         return merged
 
 
