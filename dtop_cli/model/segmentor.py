@@ -234,7 +234,7 @@ class DToPSegmentor(EncoderDecoder):
         names = [f"aux_{i}" for i in range(self.num_stages - 1)] + ["decode"]
         for head, name, presence, masks in zip(self.heads(), names, out.stage_presence, out.stage_masks):
             prefix = "decode_head" if name == "decode" else f"auxiliary_head.{name[4:]}"
-            if self._is_frozen(prefix) or self._is_frozen(prefix.split(".")[0]):
+            if self._is_frozen(prefix):  # e.g. "decode_head", or all of "auxiliary_head"
                 continue
             for k, v in head.loss(presence, masks, labels).items():
                 losses[f"{name}.{k}"] = v
