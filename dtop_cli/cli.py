@@ -241,7 +241,7 @@ def _child_args(command: str, preset: Optional[str], overrides: Optional[List[st
             child.append(flag)
     if opts.log_to:
         child += ["--log-to", ",".join(opts.log_to)]
-    for flag, val in (("--max-iters", opts.max_iters), ("--pretrained", opts.pretrained),
+    for flag, val in (("--max-iters", opts.max_iters), ("--pretrained", opts.pretrained), ("--init", opts.init),
                       ("--from", opts.base_checkpoint), ("--thresh", opts.threshold), ("--topk", opts.topk),
                       ("--wandb-project", opts.wandb_project), ("--wandb-name", opts.wandb_name)):
         if val is not None:
@@ -323,6 +323,9 @@ def train_cmd(
     resume_auto: bool = ResumeAutoOpt,
     max_iters: Optional[int] = MaxItersOpt,
     pretrained: Optional[Path] = PretrainedOpt,
+    init: Optional[Path] = typer.Option(
+        None, "--init", help="Start from a trained model file (e.g. an mmseg model-zoo checkpoint) instead of "
+        "pretrained backbone weights; heads the preset adds start fresh, parts in schedule.base.frozen stay fixed."),
     seed: int = SeedOpt,
     verbose: bool = VerboseOpt,
     log_to: Optional[str] = LogToOpt,
@@ -338,7 +341,7 @@ def train_cmd(
     opts = RunOptions("base", data_root=data_root, work_dir=work_dir, max_iters=max_iters, amp=amp,
                       resume="auto" if resume_auto else resume, launcher=launcher, pretrained=pretrained, seed=seed,
                       verbose=verbose, log_to=parse_log_to(log_to), wandb_project=wandb_project,
-                      wandb_name=wandb_name)
+                      wandb_name=wandb_name, init=init)
     _run_phase("train", preset, overrides, opts, dict(gpus=gpus, nnodes=nnodes, node_rank=node_rank,
                                                       master_addr=master_addr, master_port=master_port), as_json)
 

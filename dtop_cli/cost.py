@@ -223,6 +223,67 @@ def atm_head_flops(head: nn.Module, n: int) -> int:
     return flops + _linear(head.class_embed, K)
 
 
+def _upsample(channels: int, hw: tuple[int, int], scale: int) -> int:
+    """Bilinear upsample: fvcore counts 4 per output element."""
+    return 4 * channels * hw[0] * scale * hw[1] * scale
+
+
+def setr_head_flops(head: nn.Module, n: int) -> int:
+    """SETR-Up head per token (``forward``): LayerNorm, 1x1 conv + BatchNorm (2 per element
+    in eval) per block, 1x1 classifier; ReLU counts zero."""
+    flops = _layer_norm(head.norm, n)
+    for block in head.up_convs:
+        conv = block[0].conv
+        flops += n * conv.in_channels * conv.out_channels + 2 * n * conv.out_channels
+    return flops + n * head.conv_seg.in_channels * head.conv_seg.out_channels
+
+
+def setr_dense_flops(head: nn.Module, hw: tuple[int, int]) -> int:
+    """SETR-Up head as mmseg runs it on the whole grid (``dense_scores``): each block at its
+    resolution, its x`up_scale` upsample of the features, the classifier at the end."""
+    h, w = hw
+    flops = _layer_norm(head.norm, h * w)
+    for block in head.up_convs:
+        conv = block[0].conv
+        flops += h * w * (conv.in_channels * conv.out_channels + 2 * conv.out_channels)
+        flops += _upsample(conv.out_channels, (h, w), head.up_scale)
+        h, w = h * head.up_scale, w * head.up_scale
+    return flops + h * w * head.conv_seg.in_channels * head.conv_seg.out_channels
+
+
+def mask_transformer_flops(head: nn.Module, n: int) -> int:
+    """Segmenter's mask transformer on n tokens + K class embeddings: input projection,
+    ViT layers over n + K, norm, the two projections, the class-token product, mask norm.
+    The L2 normalisations are elementwise (zero)."""
+    K = head.num_classes
+    flops = _linear(head.dec_proj, n) + sum(vit_layer_flops(lay, n + K) for lay in head.layers)
+    flops += _layer_norm(head.decoder_norm, n + K) + _linear(head.patch_proj, n) + _linear(head.classes_proj, K)
+    return flops + n * head.patch_proj.out_features * K + _layer_norm(head.mask_norm, n)
+
+
+def linear_head_flops(head: nn.Module, n: int) -> int:
+    """LayerNorm + Linear per token."""
+    return _layer_norm(head.norm, n) + _linear(head.classifier, n)
+
+
+def head_flops(head: nn.Module, n: int) -> int:
+    """One stage head reading n tokens (its ``forward``), by the head's kind."""
+    rules = {"atm": atm_head_flops, "setr-up": setr_head_flops, "mask-transformer": mask_transformer_flops,
+             "linear": linear_head_flops}
+    return rules[head.kind](head, n)
+
+
+def output_flops(head: nn.Module, hw: tuple[int, int]) -> int:
+    """The head's ``class_scores`` on an (h, w) grid of merged logits: SETR's upsamples."""
+    if head.kind != "setr-up":
+        return 0
+    total = 0
+    for _ in head.up_convs:
+        total += _upsample(head.num_classes, hw, head.up_scale)
+        hw = (hw[0] * head.up_scale, hw[1] * head.up_scale)
+    return total
+
+
 def patch_embed_flops(backbone: nn.Module, hw: tuple[int, int]) -> int:
     """The patch convolution: every output position costs the full kernel."""
     w = backbone.patch_embed.projection.weight
@@ -261,13 +322,26 @@ def cost_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int
         out_hw = (hw[0] * bb.patch_size, hw[1] * bb.patch_size)
     heads = model.heads()
     backbone = patch_embed_flops(bb, hw)
-    head_flops = 0
+    extra = 1 if bb.with_cls_token else 0  # the class token: one more token in every layer
+    stage_heads = 0
+    S = len(bounds)
+    eval_stage = getattr(model, "eval_stage", None)
+    out_stage = S if eval_stage is None else int(eval_stage)
+    # every token reached the last stage: the segmentor asks the decode head for its dense
+    # output (mmseg's own computation, `dense_scores`), where the head has one
+    dense = counts[-1] == hw[0] * hw[1] and out_stage == S and hasattr(model.decode_head, "dense_scores")
     for s, ((start, end), n) in enumerate(zip(bounds, counts)):
-        backbone += sum(vit_layer_flops(bb.layers[i], n) for i in range(start, end))
-        if s == len(bounds) - 1 or aux_heads:
-            head_flops += atm_head_flops(heads[s], n)
+        backbone += sum(vit_layer_flops(bb.layers[i], n + extra) for i in range(start, end))
+        if bb.final_norm and end == len(bb.layers):
+            backbone += _layer_norm(bb.ln1, n + extra)
+        if s == S - 1 and dense:
+            stage_heads += setr_dense_flops(heads[s], hw)
+        elif s == S - 1 or aux_heads:
+            stage_heads += head_flops(heads[s], n)
+    if not dense:  # the output head's upsampling of the merged logits (SETR)
+        stage_heads += output_flops(heads[out_stage - 1], hw)
     resize = resize_flops(model.decode_head.num_classes, out_hw)
-    return FlopBreakdown(float(backbone), float(head_flops), float(resize))
+    return FlopBreakdown(float(backbone), float(stage_heads), float(resize))
 
 
 def gflops_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int],

@@ -45,12 +45,21 @@ def _len(n: int) -> dict:
     return {"length": n}
 
 
+#: Stage heads the segmentor can run (dtop_cli/model/build.py maps each to its module):
+#: atm (SegViT), setr-up (mmseg SETRUPHead; num_layers = its conv blocks), mask-transformer
+#: (mmseg SegmenterMaskTransformerHead), linear (LayerNorm + Linear per token).
+HEAD_TYPES = ("atm", "setr-up", "mask-transformer", "linear")
+
+
 @dataclass(frozen=True)
 class HeadCfg:
     channels: int
     num_heads: int
     num_layers: int
     dropout: float
+    type: str = field(default="atm", metadata={"check": (lambda v: v in HEAD_TYPES, " or ".join(HEAD_TYPES))})
+    #: setr-up only: the x`up_scale` bilinear upsample after each conv block (mmseg's Upsample)
+    up_scale: int = 4
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,19 @@ class ModelCfg:
     stage_ends: list[int]
     head: HeadCfg
     pretrained: Optional[str]
+    #: the auxiliary (stage-end) heads when they differ from the decode head; null = same as head
+    aux_head: Optional[HeadCfg] = None
+    #: True when the model files this preset loads have no auxiliary heads (they are added by
+    #: dtop and trained with `dtop train --init`): their keys are reported as new, not missing
+    aux_heads_added: bool = False
+    #: mmseg VisionTransformer options: the class token goes through every layer (never
+    #: exits), the position table's resize mode, the final LayerNorm (`ln1`) on the last
+    #: layer's output, the bias of the patch convolution, the layer norms' epsilon
+    with_cls_token: bool = False
+    interpolate_mode: str = field(default="bicubic", metadata={
+        "check": (lambda v: v in ("bicubic", "bilinear"), "'bicubic' or 'bilinear'")})
+    final_norm: bool = False
+    patch_bias: bool = True
 
 
 def valid_threshold(value: float) -> bool:
@@ -102,6 +124,9 @@ class LossCfg:
     #: of every present class, as the public DToP/SegViT code trains) or "excluded".
     ignored_pixels: str = field(default="negative", metadata={
         "check": (lambda v: v in ("negative", "excluded"), "'negative' or 'excluded'")})
+    #: weight of each auxiliary head's loss for per-pixel heads (mmseg's SETR: 0.4); the ATM
+    #: terms above apply to ATM heads only
+    aux_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +175,9 @@ class OptimCfg:
 class PhaseCfg:
     iters: int
     poly_iters: int
+    #: model parts (parameter-name prefixes, e.g. backbone, decode_head) that this phase does
+    #: not train: no gradients, and kept in eval mode (BatchNorm statistics, dropout)
+    frozen: Optional[list[str]] = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +194,14 @@ class PaperCfg:
     base_gflops: float
     pruned_miou: float
     pruned_gflops: float
+
+
+@dataclass(frozen=True)
+class ReferenceCfg:
+    """The published accuracy of the model file a preset describes (not a DToP result)."""
+
+    miou: float
+    source: str
 
 
 @dataclass(frozen=True)
@@ -192,6 +228,7 @@ class Preset:
     schedule: ScheduleCfg
     paper: Optional[PaperCfg]
     pretrain: Optional[PretrainCfg] = None
+    reference: Optional[ReferenceCfg] = None
     source: str = field(default="", metadata={"internal": True})
 
     @property
@@ -309,7 +346,10 @@ def _semantic_checks(p: Preset, where: str) -> None:
         )
     if m.embed_dims % m.num_heads:
         raise PresetError(f"{where}: key 'model.num_heads': expected a divisor of embed_dims {m.embed_dims}")
-    if m.head.channels % m.head.num_heads:
+    for cfg in (m.head, m.aux_head):
+        if cfg is not None and cfg.type in ("atm", "mask-transformer") and cfg.channels % cfg.num_heads:
+            raise PresetError(f"{where}: key 'model.head.num_heads': expected a divisor of head.channels {cfg.channels}")
+    if m.head.type == "atm" and m.head.channels % m.head.num_heads:
         raise PresetError(f"{where}: key 'model.head.num_heads': expected a divisor of head.channels {m.head.channels}")
     for k in ("crop",):
         for v in getattr(p.data, k):
@@ -422,4 +462,5 @@ def summary(p: Preset) -> dict[str, Any]:
         "keep_topk": p.exit.keep_topk,
         "stage_ends": list(p.model.stage_ends),
         "paper": dataclasses.asdict(p.paper) if p.paper else None,
+        "reference": dataclasses.asdict(p.reference) if p.reference else None,
     }

@@ -42,7 +42,7 @@ def test_presets_json_shape(run_cli):
     obj = r.json()
     items = obj["presets"]
     assert [i["name"] for i in items] == P.available()
-    assert len(items) == 5
+    assert len(items) == 8
     for item in items:
         assert {"name", "backbone", "dataset", "crop", "thresh", "paper"} <= set(item)
         p = P.load_preset(item["name"])

@@ -12,7 +12,11 @@ import yaml
 from dtop_cli import presets as P
 from dtop_cli.presets import PresetError, load_preset
 
-SHIPPED = ["segvit-base-ade", "segvit-large-ade", "segvit-large-cocostuff", "segvit-large-pc", "tiny-synthetic"]
+SHIPPED = ["segmenter-base-ade", "segmenter-large-ade", "segvit-base-ade", "segvit-large-ade",
+           "segvit-large-cocostuff", "segvit-large-pc", "setr-naive-large-ade", "tiny-synthetic"]
+# mmseg model-zoo models (issue 13): stage ends and reference mIoU from mmseg's configs/metafile
+ZOO = {"setr-naive-large-ade": ([9, 14, 19, 23], 48.28), "segmenter-base-ade": ([5, 7, 11], 49.6),
+       "segmenter-large-ade": ([7, 15, 23], 52.16)}
 
 
 @pytest.fixture
@@ -49,7 +53,7 @@ def preset_cmd():
 # --------------------------------------------------------------------------- shipped presets
 
 
-def test_available_lists_the_five_presets():
+def test_available_lists_the_shipped_presets():
     assert P.available() == sorted(SHIPPED)
 
 
@@ -58,7 +62,7 @@ def test_shipped_preset_loads_and_is_consistent(name: str):
     p = load_preset(name)
     assert p.name == name
     assert p.source.endswith(f"{name}.yaml")
-    assert p.num_stages == 3
+    assert p.num_stages == (4 if name.startswith("setr") else 3)
     assert p.model.stage_ends[-1] == p.model.num_layers - 1
     assert 0 < p.exit.threshold <= 1
     for v in p.data.crop:
@@ -69,6 +73,13 @@ def test_shipped_preset_loads_and_is_consistent(name: str):
         assert p.model.pretrained and p.model.pretrained.startswith("http")
     else:
         assert p.paper is None
+    if name in ZOO:
+        assert p.model.stage_ends == ZOO[name][0]
+        assert p.reference is not None and p.reference.miou == ZOO[name][1]
+        assert p.model.with_cls_token
+        assert p.model.interpolate_mode == ("bilinear" if name.startswith("setr") else "bicubic")
+        assert p.model.final_norm == name.startswith("segmenter")
+        assert p.model.aux_heads_added == name.startswith("segmenter")
 
 
 def test_preset_by_path_loads_a_users_file(tmp_path: Path, tiny_data: dict):

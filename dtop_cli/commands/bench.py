@@ -339,7 +339,11 @@ def run_bench(opts: BenchOptions, model=None, log: Callable[[str], None] = lambd
                 fn()  # allocator warm
                 peaks[name] = peak_memory_bytes(fn, dev)
 
-        if opts.use_graphs:
+        if opts.use_graphs and not model.graph_ready:
+            if opts.graphs == "on":
+                raise UserError(f"--graphs on: CUDA graphs support ATM-head presets only, not '{p.name}'")
+            log("CUDA graphs are for ATM-head presets only: timing the eager forward")
+        elif opts.use_graphs:
             model.enable_cuda_graphs(bucket=opts.bucket)
         log(f"timing: {opts.warmup} warm-up + {opts.repeats} timed rounds, interleaved")
         try:

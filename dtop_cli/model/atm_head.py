@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import exits as X
 from .layers import MaskCrossAttention, SelfAttention, trunc_normal_init
 
 
@@ -85,7 +86,15 @@ class ATMDecoder(nn.Module):
 
 
 class ATMHead(nn.Module):
-    """One head per stage. `loss_decode` is built from its config by the caller's registry."""
+    """One head per stage. `loss_decode` is built from its config by the caller's registry.
+
+    A stage head (the interface every head of :mod:`.segmentor` has): ``forward(tokens,
+    valid) -> (presence or None, token logits (B, K, L))``; ``confidence`` turns them into
+    the per-class scores in [0, 1] the exit rule reads; ``class_scores`` turns the merged
+    logits of the grid into the output map; ``loss`` trains it.
+    """
+
+    kind = "atm"
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, num_heads: int,
                  num_layers: int = 3, dropout: float = 0.1, loss_decode: Optional[dict] = None,
@@ -116,3 +125,17 @@ class ATMHead(nn.Module):
             # only the last layer's masks are used: the others take the fused attention
             q, mask_logits = layer(q, memory, valid, kv=kv[i], with_masks=i == last)
         return self.class_embed(q), mask_logits
+
+    @staticmethod
+    def confidence(presence: Tensor, logits: Tensor) -> Tensor:
+        """(B, K, L) P(class present) * sigmoid(mask logit), the paper's token score."""
+        return X.token_scores(presence, logits)
+
+    @staticmethod
+    def class_scores(presence: Tensor, merged: Tensor) -> Tensor:
+        """Merged mask logits (B, K, h, w) -> class scores (B, K, h, w)."""
+        B, K, h, w = merged.shape
+        return X.token_scores(presence, merged.flatten(2)).view(B, K, h, w)
+
+    def loss(self, presence: Tensor, merged: Tensor, labels: Tensor) -> dict:
+        return self.loss_decode(presence, merged, labels)

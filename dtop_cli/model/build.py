@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..presets import Preset
 
 
-def head_config(preset: Preset) -> dict:
-    """Config of one ATM head (all stages share the architecture, not the weights)."""
-    m, h, lo = preset.model, preset.model.head, preset.loss
+def head_config(preset: Preset, aux: bool = False) -> dict:
+    """Config of one stage head: the decode head, or (aux) one auxiliary head. The stages
+    share the architecture, not the weights; ``model.aux_head`` (when set) describes the
+    auxiliary ones. Per-pixel heads train with mmseg's cross-entropy, auxiliary heads
+    weighted by ``loss.aux_weight``."""
+    m, lo = preset.model, preset.loss
+    h = m.aux_head if aux and m.aux_head is not None else m.head
+    K = preset.data.num_classes
+    weight = lo.aux_weight if aux else 1.0
+    if h.type == "setr-up":
+        return dict(type="SETRUpStageHead", in_channels=m.embed_dims, channels=h.channels, num_classes=K,
+                    num_convs=h.num_layers, up_scale=h.up_scale, dropout=h.dropout, loss_weight=weight)
+    if h.type == "mask-transformer":
+        return dict(type="MaskTransformerStageHead", in_channels=m.embed_dims, channels=h.channels,
+                    num_classes=K, num_heads=h.num_heads, num_layers=h.num_layers, mlp_ratio=m.mlp_ratio,
+                    drop_path_rate=m.drop_path_rate, dropout=h.dropout, loss_weight=weight)
+    if h.type == "linear":
+        return dict(type="LinearStageHead", in_channels=m.embed_dims, num_classes=K, loss_weight=weight)
     return dict(
         type="ATMHead",
         in_channels=m.embed_dims,
@@ -40,11 +55,13 @@ def test_config(preset: Preset) -> dict:
     return dict(mode="whole")
 
 
-def model_config(preset: Preset, threshold: Optional[float] = None, pretrained: Optional[str] = None) -> dict:
+def model_config(preset: Preset, threshold: Optional[float] = None, pretrained: Optional[str] = None,
+                 frozen: Sequence[str] = ()) -> dict:
     """mmseg config dict of the DToP segmentor described by `preset`.
 
     threshold: exit threshold of the built model (default: the preset's). pretrained: path
-    of mmseg-format ViT weights loaded into the backbone by `init_weights`.
+    of mmseg-format ViT weights loaded into the backbone by `init_weights`. frozen: parts
+    the run does not train (a phase's ``schedule.<phase>.frozen``).
     """
     m, d = preset.model, preset.data
     return dict(
@@ -68,12 +85,18 @@ def model_config(preset: Preset, threshold: Optional[float] = None, pretrained: 
             mlp_ratio=m.mlp_ratio,
             drop_path_rate=m.drop_path_rate,
             stage_ends=list(m.stage_ends),
+            with_cls_token=m.with_cls_token,
+            interpolate_mode=m.interpolate_mode,
+            final_norm=m.final_norm,
+            patch_bias=m.patch_bias,
             pretrained=pretrained,
         ),
         decode_head=head_config(preset),
-        auxiliary_head=[head_config(preset) for _ in m.stage_ends[:-1]],
+        auxiliary_head=[head_config(preset, aux=True) for _ in m.stage_ends[:-1]],
         exit_cfg=dict(threshold=preset.exit.threshold if threshold is None else float(threshold),
                       keep_topk=preset.exit.keep_topk),
+        frozen=list(frozen),
+        added_keys=["auxiliary_head"] if m.aux_heads_added else [],
         train_cfg=dict(),
         test_cfg=test_config(preset),
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import UserError
+
+logger = logging.getLogger(__name__)
 
 _IGNORED = ".loss_decode."  # loss buffers: not part of the model's function
 
@@ -24,10 +27,24 @@ def state_dict_of(ckpt: Any) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def added_keys(model: nn.Module, state: dict) -> list[str]:
+    """Keys of `model` that `state` lacks and that the preset adds to the files it loads
+    (``model.aux_heads_added``: Segmenter's auxiliary heads, new in dtop). Only when the
+    file has none of them: a file with some of an added head's keys is a damaged file."""
+    prefixes = tuple(p + "." for p in getattr(model, "added_keys", ()))
+    if not prefixes or any(k.startswith(prefixes) for k in state):
+        return []
+    return [k for k in model.state_dict() if k.startswith(prefixes) and k not in state and not _ignored(k)]
+
+
 def check_compatible(model: nn.Module, state: dict, where: str) -> None:
-    """Raise one line naming the first mismatched keys/shapes when `state` does not fit."""
+    """Raise one line naming the first mismatched keys/shapes when `state` does not fit.
+
+    Every key of the file must be used; keys of the model the file lacks are an error,
+    except the heads the preset adds (:func:`added_keys`)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not _ignored(k)]
+    new = set(added_keys(model, state))
+    missing = [k for k in own if k not in state and not _ignored(k) and k not in new]
     unexpected = [k for k in state if k not in own and not _ignored(k)]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -51,5 +68,11 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
     check_compatible(model, state, str(path))
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    new = added_keys(model, state)
+    if new:
+        heads = sorted({".".join(k.split(".")[:2]) for k in new})
+        logger.warning("%s: %d new keys (%s: added by this preset, not in the file; "
+                       "train them with `dtop train --init`)", path, len(new), ", ".join(heads))
+    model.dtop_new_keys = new
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
     return meta if isinstance(meta, dict) else {}

@@ -1,10 +1,17 @@
 """DToP segmentor: stage -> head -> exit decision -> next stage, batched over images.
 
 Data flows one way. ``forward_dtop`` embeds the image, runs the backbone one stage at a time,
-asks that stage's head for class scores of the tokens it saw, lets the pure exit policy
+asks that stage's head for class logits of the tokens it saw, lets the pure exit policy
 (:mod:`.exits`) pick the tokens that leave, and packs the remaining tokens of all images
-into one padded batch for the next stage. The mask logits of each token are taken from the
-head that saw it last (its exit head), the class presence from the last head.
+into one padded batch for the next stage. The logits of each token are taken from the
+head that saw it last (its exit head); the last head turns the merged logits into the
+output (``class_scores``: with its presence for ATM, upsampled for SETR).
+
+The head is a part: anything with the stage-head interface (``forward(tokens, valid) ->
+(presence or None, logits (B, K, L))``, ``confidence``, ``class_scores``, ``loss``; see
+:class:`.atm_head.ATMHead`) runs here, the ATM head of SegViT as the per-pixel heads of
+SETR and Segmenter (:mod:`.pixel_heads`). A class token, where the backbone keeps one, is
+carried beside the patch tokens through every stage and never exits.
 
 At threshold 1.0 nothing can exit, so in inference the auxiliary heads are skipped
 entirely; in training they always run (deep supervision) and exits are decided without
@@ -14,7 +21,7 @@ gradient.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +46,7 @@ class DToPSegmentor(EncoderDecoder):
     """
 
     def __init__(self, backbone: dict, decode_head: dict, auxiliary_head: list, exit_cfg: dict,
+                 frozen: Sequence[str] = (), added_keys: Sequence[str] = (),
                  train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None, pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None) -> None:
@@ -55,6 +63,32 @@ class DToPSegmentor(EncoderDecoder):
         self.eval_stage: Optional[int] = None
         # set by enable_cuda_graphs(): replays captured stages instead of the eager forward
         self.graph_runner = None
+        # parameter-name prefixes this run does not train (preset schedule.<phase>.frozen)
+        self.frozen = tuple(frozen)
+        # parameter-name prefixes the model files this preset loads do not have (added heads)
+        self.added_keys = tuple(added_keys)
+        for name, param in self.named_parameters():
+            if self._is_frozen(name):
+                param.requires_grad_(False)
+
+    def _is_frozen(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.frozen)
+
+    def train(self, mode: bool = True) -> "DToPSegmentor":
+        """Frozen parts stay in eval mode (BatchNorm statistics, dropout, drop path) when
+        the rest trains."""
+        super().train(mode)
+        if mode and self.frozen:
+            for name, module in self.named_modules():
+                if name and self._is_frozen(name):
+                    module.eval()
+        return self
+
+    @property
+    def graph_ready(self) -> bool:
+        """Whether the CUDA-graph runner can run this model: it is written for ATM heads on
+        a backbone without a class token (SegViT) and is untested on anything else."""
+        return not self.backbone.with_cls_token and all(h.kind == "atm" for h in self.heads())
 
     @property
     def num_stages(self) -> int:
@@ -82,6 +116,7 @@ class DToPSegmentor(EncoderDecoder):
         need_all_heads = self.training or prune or self.eval_stage is not None
         x, (gh, gw) = self.backbone.embed(inputs)
         B, N = x.shape[:2]
+        cls = self.backbone.class_token(B)  # (B, 1, D) or None: never exits
         S = self.num_stages
         heads = self.heads()
         pos: Optional[Tensor] = None  # (B, L) token index of each slot; None = all tokens in order
@@ -95,7 +130,7 @@ class DToPSegmentor(EncoderDecoder):
         presence = None
         for s, (start, end) in enumerate(self.backbone.stage_bounds()):
             counts[:, s] = running
-            x = self.backbone.forward_layers(x, start, end, valid)
+            x, cls = self.backbone.run_stage(x, cls, start, end, valid)
             last = s == S - 1
             if not (last or need_all_heads):
                 continue
@@ -115,10 +150,14 @@ class DToPSegmentor(EncoderDecoder):
                 pos = plan.idx if pos is None else X.gather_tokens(pos, plan.idx)
                 running = plan.counts
             x = X.gather_tokens(x, plan.idx)
-        if self.eval_stage is not None:
-            presence = stage_presence[self.eval_stage - 1]
-            merged = stage_masks[self.eval_stage - 1].flatten(2)
-        scores = X.token_scores(presence, merged).view(B, -1, gh, gw)
+        out_stage = S if self.eval_stage is None else self.eval_stage
+        head = heads[out_stage - 1]
+        if out_stage == S and pos is None and hasattr(head, "dense_scores"):
+            # no token left early: the head's own dense computation (mmseg's, for SETR:
+            # upsample the features, then classify), equal to class_scores up to rounding
+            scores = head.dense_scores(x, (gh, gw))
+        else:
+            scores = head.class_scores(stage_presence[out_stage - 1], stage_masks[out_stage - 1])
         return DToPOutput(scores, exit_stage.view(B, gh, gw), counts, stage_presence, stage_masks)
 
     def leaving_tokens(self, s: int, presence: Tensor, masks: Tensor, valid: Optional[Tensor],
@@ -129,7 +168,8 @@ class DToPSegmentor(EncoderDecoder):
             leaving = forced_exits[s].to(masks.device)
             leaving = leaving if pos is None else leaving.gather(1, pos)
             return leaving if valid is None else leaving & valid
-        return X.exit_decision(X.token_scores(presence, masks), self.threshold, self.keep_topk, valid)
+        confidence = self.heads()[s].confidence(presence, masks)
+        return X.exit_decision(confidence, self.threshold, self.keep_topk, valid)
 
     @contextlib.contextmanager
     def exit_mode(self, threshold: Optional[float] = None, stage: Optional[int] = None) -> Iterator[None]:
@@ -160,6 +200,9 @@ class DToPSegmentor(EncoderDecoder):
         without graphs (any device; used by the tests). Only inference without gradients
         and without ``eval_stage`` uses it; everything else runs eagerly.
         """
+        if not self.graph_ready:
+            raise ValueError("CUDA graphs are implemented for ATM heads without a class token "
+                             "(SegViT presets) only; run this model eagerly")
         self.graph_runner = StageGraphRunner(bucket=bucket, capture=capture)
 
     def disable_cuda_graphs(self) -> None:
@@ -181,7 +224,8 @@ class DToPSegmentor(EncoderDecoder):
         return self.forward_dtop(inputs).scores
 
     def loss(self, inputs: Tensor, data_samples: list) -> dict:
-        """Deep supervision: every head's merged prediction gets the ATM loss, weight 1 each."""
+        """Deep supervision: every head's merged prediction gets that head's loss (ATM loss,
+        or mmseg's cross-entropy with the preset's weights). Frozen heads are left out."""
         out = self.forward_dtop(inputs)
         # what this batch retired where: read by runtime.tracking.ExitStatsHook (prune runs)
         self.train_exit_record = (out.exit_stage.detach(), out.active_counts.detach())
@@ -189,7 +233,10 @@ class DToPSegmentor(EncoderDecoder):
         losses = {}
         names = [f"aux_{i}" for i in range(self.num_stages - 1)] + ["decode"]
         for head, name, presence, masks in zip(self.heads(), names, out.stage_presence, out.stage_masks):
-            for k, v in head.loss_decode(presence, masks, labels).items():
+            prefix = "decode_head" if name == "decode" else f"auxiliary_head.{name[4:]}"
+            if self._is_frozen(prefix):  # e.g. "decode_head", or all of "auxiliary_head"
+                continue
+            for k, v in head.loss(presence, masks, labels).items():
                 losses[f"{name}.{k}"] = v
         return losses
 

@@ -3,8 +3,10 @@
 The weights are laid out exactly like mmseg's ``VisionTransformer`` (so mmseg-format
 pretrained files and public DToP checkpoints load unchanged), but the forward is split into
 ``embed`` and ``forward_layers(x, start, end, valid)``: the segmentor runs one stage at a
-time and decides between stages which tokens go on. The class token exists in the weights
-but is dropped after the position embedding, as in SegViT (``with_cls_token=False``).
+time and decides between stages which tokens go on. The class token exists in the weights;
+SegViT drops it after the position embedding (``with_cls_token=False``), SETR and Segmenter
+carry it through every layer (``with_cls_token=True``): it is then held apart from the patch
+tokens (``run_stage``), joins every layer as one more key and query, and never exits.
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ class _FFN(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm ViT layer; `valid` masks padded token slots as attention keys."""
 
-    def __init__(self, dims: int, num_heads: int, hidden: int, drop_path: float) -> None:
+    def __init__(self, dims: int, num_heads: int, hidden: int, drop_path: float, eps: float = LN_EPS) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(dims, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(dims, eps=eps)
         self.attn = _AttnBlock(dims, num_heads)
-        self.ln2 = nn.LayerNorm(dims, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(dims, eps=eps)
         self.ffn = _FFN(dims, hidden)
         self.drop_path = DropPath(drop_path)
 
@@ -60,19 +62,20 @@ class TransformerLayer(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, dims: int, patch_size: int) -> None:
+    def __init__(self, dims: int, patch_size: int, bias: bool = True) -> None:
         super().__init__()
-        self.projection = nn.Conv2d(3, dims, kernel_size=patch_size, stride=patch_size)
+        self.projection = nn.Conv2d(3, dims, kernel_size=patch_size, stride=patch_size, bias=bias)
 
 
-def resize_pos_embed(pos: Tensor, src_hw: Sequence[int], dst_hw: Sequence[int]) -> Tensor:
-    """(1, 1 + h*w, D) position table -> (1, 1 + H*W, D), bicubic on the grid part (as mmseg)."""
+def resize_pos_embed(pos: Tensor, src_hw: Sequence[int], dst_hw: Sequence[int], mode: str = "bicubic") -> Tensor:
+    """(1, 1 + h*w, D) position table -> (1, 1 + H*W, D), resized on the grid part as mmseg
+    does (`mode`: Segmenter/SegViT bicubic, SETR bilinear); the class token's entry is kept."""
     if tuple(src_hw) == tuple(dst_hw):
         return pos
     cls_pos, grid = pos[:, :1], pos[:, 1:]
     D = pos.shape[-1]
     grid = grid.reshape(1, src_hw[0], src_hw[1], D).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=tuple(dst_hw), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=tuple(dst_hw), mode=mode, align_corners=False)
     return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
@@ -86,18 +89,25 @@ class DToPViT(nn.Module):
     def __init__(self, img_size: Sequence[int] = (512, 512), patch_size: int = 16, embed_dims: int = 768,
                  num_layers: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, stage_ends: Sequence[int] = (5, 7, 11),
+                 with_cls_token: bool = False, interpolate_mode: str = "bicubic", final_norm: bool = False,
+                 patch_bias: bool = True,
                  pretrained: Optional[str] = None, init_cfg: Optional[dict] = None) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.stage_ends = list(stage_ends)
         self.pretrained = pretrained
-        self.patch_embed = PatchEmbed(embed_dims, patch_size)
+        self.with_cls_token = with_cls_token
+        self.interpolate_mode = interpolate_mode
+        self.final_norm = final_norm
+        self.patch_embed = PatchEmbed(embed_dims, patch_size, bias=patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dims))
         rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
         hidden = int(embed_dims * mlp_ratio)
         self.layers = nn.ModuleList(TransformerLayer(embed_dims, num_heads, hidden, r) for r in rates)
+        if final_norm:  # mmseg names it ln1 and applies it to the last layer's output only
+            self.ln1 = nn.LayerNorm(embed_dims, eps=LN_EPS)
         self._init_random()
 
     # ------------------------------------------------------------------ weights
@@ -118,7 +128,7 @@ class DToPViT(nn.Module):
         if "pos_embed" in state and state["pos_embed"].shape != self.pos_embed.shape:
             n = state["pos_embed"].shape[1] - 1
             side = int(round(n**0.5))
-            state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side), self.grid)
+            state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side), self.grid, self.interpolate_mode)
         result = self.load_state_dict(state, strict=False)
         logger.info("loaded pretrained backbone %s (missing %d, unexpected %d keys)", self.pretrained,
                     len(result.missing_keys), len(result.unexpected_keys))
@@ -138,8 +148,31 @@ class DToPViT(nn.Module):
             img = F.pad(img, (0, pad_w, 0, pad_h))
         x = self.patch_embed.projection(img)
         hw = (x.shape[2], x.shape[3])
-        pos = resize_pos_embed(self.pos_embed, self.grid, hw)[:, 1:]
+        pos = resize_pos_embed(self.pos_embed, self.grid, hw, self.interpolate_mode)[:, 1:]
         return x.flatten(2).transpose(1, 2) + pos, hw
+
+    def class_token(self, batch: int) -> Optional[Tensor]:
+        """(B, 1, D) class token with its position entry, or None when the model drops it."""
+        if not self.with_cls_token:
+            return None
+        return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
+
+    def run_stage(self, x: Tensor, cls: Optional[Tensor], start: int, end: int,
+                  valid: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Layers [start, end) on the patch tokens x (B, L, D) and the class token (B, 1, D)
+        or None. The class token goes in front as a real slot (a key of every token, as in
+        mmseg) and comes back apart, so exits and gathers only ever see patch tokens. The
+        final norm is applied when the stage ends at the last layer."""
+        if cls is not None:
+            x = torch.cat([cls, x], dim=1)
+            if valid is not None:
+                valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
+        x = self.forward_layers(x, start, end, valid)
+        if self.final_norm and end == len(self.layers):
+            x = self.ln1(x)
+        if cls is not None:
+            return x[:, 1:], x[:, :1]
+        return x, None
 
     def forward_layers(self, x: Tensor, start: int, end: int, valid: Optional[Tensor] = None) -> Tensor:
         """Run layers [start, end) on tokens x (B, L, D); `valid` (B, L) marks real slots."""

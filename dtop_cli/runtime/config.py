@@ -57,6 +57,9 @@ class RunOptions:
     resume: Union[bool, str] = False  # False, True (must exist) or "auto" (if one exists)
     launcher: str = "none"
     pretrained: Optional[PathLike] = None
+    #: a trained model (e.g. an mmseg model-zoo file) the base phase starts from instead of
+    #: pretrained backbone weights: heads the preset adds start fresh (``dtop train --init``)
+    init: Optional[PathLike] = None
     seed: int = 0
     validate: bool = True
     verbose: bool = False
@@ -82,6 +85,10 @@ class RunOptions:
             raise UserError(f"--launcher must be none, pytorch or slurm (got {self.launcher})")
         if self.phase == "base" and self.base_checkpoint is not None:
             raise UserError("--from applies to `dtop prune`; the base phase trains from pretrained weights")
+        if self.init is not None and self.phase != "base":
+            raise UserError("--init applies to `dtop train`; `dtop prune` starts from --from CKPT")
+        if self.init is not None and self.pretrained is not None:
+            raise UserError("--init and --pretrained both name starting weights: pass one")
         check_trackers(self.log_to)
         return self
 
@@ -238,7 +245,8 @@ def build_config(
         # `infer` ... rebuild the model from the recorded preset and threshold alone
         dtop=dict(preset=preset.name, phase=phase, threshold=thr, keep_topk=preset.exit.keep_topk,
                   preset_yaml=preset.to_yaml(), data_root=str(data_root.expanduser().resolve())),
-        model=model_config(preset, threshold=thr, pretrained=None if pretrained is None else str(pretrained)),
+        model=model_config(preset, threshold=thr, pretrained=None if pretrained is None else str(pretrained),
+                           frozen=getattr(preset.schedule, phase).frozen or ()),
         train_dataloader=train_loader,
         val_dataloader=val_loader,
         test_dataloader=val_loader,

@@ -160,6 +160,28 @@ def _from_data_worker(e: UserError) -> UserError:
     return UserError(last.split("Error: ", 1)[-1])
 
 
+def _init_weights(preset: Preset, path: Path, work_dir: Path) -> Path:
+    """The file a ``--init`` run loads: `path` checked against the preset (every key of it
+    used; only the heads the preset adds may be missing, and are reported) and rewritten as
+    a bare state dict in the work dir, so that mmengine's loader never unpickles anything
+    but tensors (model-zoo files carry the metadata of older toolkits)."""
+    import torch
+
+    from ..fsutil import atomic_save
+    from ..model.build import build_model
+    from ..model.checkpoint import load_weights, state_dict_of
+    from ..safeload import load_checkpoint
+
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"--init {path}: file not found")
+    load_weights(build_model(preset, threshold=1.0), path)  # the check (and the report of new keys)
+    state = state_dict_of(load_checkpoint(path, map_location="cpu"))
+    dest = work_dir / "init_weights.pth"
+    atomic_save(dest, lambda f: torch.save({"state_dict": state, "meta": {"dtop_init": str(path)}}, f))
+    return dest
+
+
 def train(preset: Preset, opts: RunOptions, console: Any = None) -> dict[str, Any]:
     """Run one training phase end to end and return what it produced.
 
@@ -192,6 +214,8 @@ def train(preset: Preset, opts: RunOptions, console: Any = None) -> dict[str, An
         load_weights(build_model(preset, threshold=1.0), base)  # strict: same architecture
         load_from = base
     _remove_partial_writes(wd, console)
+    if opts.init is not None and not opts.resume:
+        load_from = _init_weights(preset, Path(opts.init), wd)
     if opts.resume:
         last = resume_from(wd, opts.resume, console)
         if last is None:  # --resume auto, nothing there yet
@@ -202,7 +226,8 @@ def train(preset: Preset, opts: RunOptions, console: Any = None) -> dict[str, An
             raise UserError(f"{last} is from a {info.get('phase')} run of preset '{info.get('preset')}', "
                             f"not {phase} of '{preset.name}': use another --work-dir")
         load_from = last
-    weights = resolve_pretrained(preset, opts.pretrained, console) if phase == "base" and not opts.resume else None
+    fresh_base = phase == "base" and not opts.resume and opts.init is None
+    weights = resolve_pretrained(preset, opts.pretrained, console) if fresh_base else None
 
     cfg = build_config(preset, opts, load_from=load_from, pretrained=weights, cuda=cuda)
     _init_cpu_dist(opts.launcher, cuda)
