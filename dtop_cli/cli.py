@@ -229,6 +229,8 @@ def _with_checkpoint(preset: Optional[str], overrides: Optional[List[str]], ckpt
 def _child_args(command: str, preset: Optional[str], overrides: Optional[List[str]], opts,
                 as_json: bool) -> list[str]:
     """The same command for each torchrun worker, with the options it was given."""
+    from .presets import format_threshold
+
     child = [command, "--data-root", str(opts.data_root), "--work-dir", str(opts.work_dir), "--seed", str(opts.seed)]
     if preset is not None:
         child += ["--preset", preset]
@@ -245,7 +247,7 @@ def _child_args(command: str, preset: Optional[str], overrides: Optional[List[st
                       ("--from", opts.base_checkpoint), ("--thresh", opts.threshold), ("--topk", opts.topk),
                       ("--wandb-project", opts.wandb_project), ("--wandb-name", opts.wandb_name)):
         if val is not None:
-            child += [flag, str(val)]
+            child += [flag, format_threshold(val) if flag == "--thresh" else str(val)]
     return child
 
 
@@ -347,7 +349,7 @@ def train_cmd(
 def prune_cmd(
     from_ckpt: Path = typer.Option(..., "--from", help="Base checkpoint to fine-tune with exits on."),
     preset: Optional[str] = CkptPresetOpt,
-    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the preset's)."),
+    thresh: Optional[str] = typer.Option(None, "--thresh", help="Exit threshold: 0.9, or one per non-final stage, 0.97,0.9 (default: the preset's)."),
     topk: Optional[int] = typer.Option(None, "--topk",
                                        help="Tokens kept per class for context (default: the preset's)."),
     data_root: Optional[Path] = CkptDataRootOpt,
@@ -389,8 +391,8 @@ def eval_cmd(
         None, "--ckpt", help="Checkpoint to evaluate, dtop's or the public code's (default: the newest under "
         "work_dirs/, a prune run before a base run of the same preset)."),
     preset: Optional[str] = CkptPresetOpt,
-    thresh: Optional[float] = typer.Option(
-        None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
+    thresh: Optional[str] = typer.Option(
+        None, "--thresh", help="Exit threshold: 0.9, or one per non-final stage, 0.97,0.9 (default: the checkpoint's, else the preset's; 1.0 = base)."),
     flops: bool = typer.Option(
         False, "--flops", help="Also GFLOPs per image (paper convention: one crop-size window; and the test "
         "protocol's total) and the share of tokens each stage finalised."),
@@ -457,8 +459,8 @@ def flops_cmd(
     ckpt: Optional[Path] = typer.Option(
         None, "--ckpt", help="Trained checkpoint: average the dynamic cost over validation images "
         "(without: one crop-size image, nothing exits)."),
-    thresh: Optional[float] = typer.Option(
-        None, "--thresh", help="Exit threshold (default: without --ckpt 1.0, the base model; with it the "
+    thresh: Optional[str] = typer.Option(
+        None, "--thresh", help="Exit threshold, 0.9 or 0.97,0.9 (default: without --ckpt 1.0, the base model; with it the "
         "checkpoint's, else the preset's)."),
     images: Optional[int] = typer.Option(
         None, "--images", help="With --ckpt: the first N validation images (default all)."),
@@ -493,8 +495,8 @@ def bench_cmd(
         None, "--exits", help="F1,F2: share of all tokens retired after stage 1 and by the end of stage 2 "
         "(cumulative), forced at random positions. Without it: the real exit rule of --ckpt."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Trained checkpoint (default: random weights)."),
-    thresh: Optional[float] = typer.Option(
-        None, "--thresh", help="With --ckpt and no --exits: exit threshold (default: the checkpoint's)."),
+    thresh: Optional[str] = typer.Option(
+        None, "--thresh", help="With --ckpt and no --exits: exit threshold, 0.9 or 0.97,0.9 (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(
         None, "--data-root", help="Time on the preset's validation images under this folder (default: random "
         "inputs)."),
@@ -532,7 +534,7 @@ def config_cmd(
     data_root: Path = DataRootOpt,
     work_dir: Optional[Path] = WorkDirOpt,
     from_ckpt: Optional[Path] = typer.Option(None, "--from", help="prune: the base checkpoint (load_from)."),
-    thresh: Optional[float] = typer.Option(None, "--thresh", help="prune: exit threshold."),
+    thresh: Optional[str] = typer.Option(None, "--thresh", help="prune: exit threshold, 0.9 or 0.97,0.9."),
     topk: Optional[int] = typer.Option(None, "--topk", help="prune: tokens kept per class."),
     max_iters: Optional[int] = MaxItersOpt,
     gpus: int = typer.Option(1, "--gpus", help="Total processes the batch is split over."),
@@ -591,7 +593,7 @@ def infer_cmd(
     preset: Optional[str] = CkptPresetOpt,
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (dtop's or the public code's layout)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_{labels,overlay,exits,panel}.png."),
-    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
+    thresh: Optional[str] = typer.Option(None, "--thresh", help="Exit threshold: 0.9, or one per non-final stage, 0.97,0.9 (default: the checkpoint's, else the preset's; 1.0 = base)."),
     device: Optional[str] = DeviceOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,

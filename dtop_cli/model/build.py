@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..presets import Preset
+from ..presets import Preset, Threshold, threshold_value
 
 
 def head_config(preset: Preset) -> dict:
@@ -40,10 +40,11 @@ def test_config(preset: Preset) -> dict:
     return dict(mode="whole")
 
 
-def model_config(preset: Preset, threshold: Optional[float] = None, pretrained: Optional[str] = None) -> dict:
+def model_config(preset: Preset, threshold: Optional[Threshold] = None, pretrained: Optional[str] = None) -> dict:
     """mmseg config dict of the DToP segmentor described by `preset`.
 
-    threshold: exit threshold of the built model (default: the preset's). pretrained: path
+    threshold: exit threshold of the built model, one number or one per non-final stage
+    (default: the preset's). pretrained: path
     of mmseg-format ViT weights loaded into the backbone by `init_weights`.
     """
     m, d = preset.model, preset.data
@@ -72,14 +73,14 @@ def model_config(preset: Preset, threshold: Optional[float] = None, pretrained: 
         ),
         decode_head=head_config(preset),
         auxiliary_head=[head_config(preset) for _ in m.stage_ends[:-1]],
-        exit_cfg=dict(threshold=preset.exit.threshold if threshold is None else float(threshold),
+        exit_cfg=dict(threshold=threshold_value(preset.exit.threshold if threshold is None else threshold),
                       keep_topk=preset.exit.keep_topk),
         train_cfg=dict(),
         test_cfg=test_config(preset),
     )
 
 
-def build_model(preset: Preset, threshold: Optional[float] = None, pretrained: Optional[str] = None):
+def build_model(preset: Preset, threshold: Optional[Threshold] = None, pretrained: Optional[str] = None):
     """Build the segmentor through mmseg's registry (registers dtop's modules first)."""
     from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
