@@ -652,6 +652,10 @@ def sweep_cmd(
     thresholds: str = typer.Option("0.8,0.85,0.9,0.95,1.0", "--thresholds", help="Comma-separated exit thresholds in (0, 1]."),
     images: Optional[int] = typer.Option(None, "--images", help="The first N validation images only (default all)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for sweep.csv and sweep.png."),
+    per_stage: bool = typer.Option(False, "--per-stage", help="Every combination of the thresholds over the "
+                                   "non-final stages (e.g. 0.9,1.0 -> 1.0 | 1,0.9 | 0.9,1 | 0.9)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="calibration.json of `dtop calibrate`: "
+                                               "mark its point on the plot."),
     data_root: Optional[Path] = CkptDataRootOpt,
     device: Optional[str] = DeviceOpt,
     overrides: Optional[List[str]] = SetOpt,
@@ -665,12 +669,60 @@ def sweep_cmd(
     p, data_root = _with_checkpoint(preset, overrides, ckpt, data_root)
     with Progress("sweep", console=err, transient=True) as bar:
         res = run_sweep(p, ckpt, ts, data_root, out_dir, images=images, progress=bar,
-                        device=api.resolve_device(device))
+                        device=api.resolve_device(device), per_stage=per_stage, calibration=calibration)
     if as_json:
         emit_json(res)
         return
     out.print(render.sweep_table(p.name, ckpt, res))
     out.print(f"wrote {res['csv']} and {res['plot']}", highlight=False, soft_wrap=True)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint to calibrate (a pruned one, usually)."),
+    target_gflops: Optional[float] = typer.Option(
+        None, "--target-gflops", help="Budget: average GFLOPs per image (paper convention) at most G."),
+    target_ratio: Optional[float] = typer.Option(
+        None, "--target-ratio", help="Budget: average GFLOPs at most R times the same model's at threshold 1.0."),
+    target_ms: Optional[float] = typer.Option(
+        None, "--target-ms", help="Budget: wall time of one batch at most T ms (dtop bench's method; "
+        "--device, --batch, --dtype)."),
+    images: int = typer.Option(200, "--images", help="Calibrate on the first N validation images."),
+    per_stage: bool = typer.Option(False, "--per-stage", help="One threshold per non-final stage (coordinate "
+                                   "search from the best single threshold)."),
+    max_evals: int = typer.Option(40, "--max-evals", help="At most this many candidates evaluated."),
+    apply: bool = typer.Option(False, "--apply", help="Also write CKPT_STEM.calibrated.pth: the checkpoint with "
+                               "the calibrated threshold in its meta (eval/infer use it by default)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for calibration.json (and the calibrated "
+                                           "checkpoint); default: the checkpoint's folder."),
+    device: Optional[str] = DeviceOpt,
+    batch: int = typer.Option(1, "--batch", help="--target-ms: images per timed forward."),
+    dtype: str = typer.Option("fp32", "--dtype", help="--target-ms: fp32, bf16 or fp16."),
+    repeats: int = typer.Option(5, "--repeats", help="--target-ms: timed runs per candidate."),
+    preset: Optional[str] = CkptPresetOpt,
+    data_root: Optional[Path] = CkptDataRootOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Best mIoU within a cost budget: searches the exit threshold(s), writes calibration.json."""
+    from .commands.calibrate import CalibrateOptions, calibrate, target_from_options
+
+    target = target_from_options(target_gflops, target_ratio, target_ms)
+    if target.kind != "ms" and (batch != 1 or dtype != "fp32"):
+        raise UserError("--batch and --dtype shape the timing of --target-ms; GFLOPs budgets take neither")
+    if images < 1:
+        raise UserError(f"--images must be a positive integer (got {images})")
+    p, data_root = _with_checkpoint(preset, overrides, ckpt, data_root)
+    opts = CalibrateOptions(target, images=images, per_stage=per_stage, max_evals=max_evals, apply=apply,
+                            out_dir=out_dir, device=device, batch=batch, dtype=dtype, repeats=repeats)
+    with Progress("calibrate: reading images", console=err, transient=True) as bar:
+        res = calibrate(p, ckpt, data_root, opts, progress=bar,
+                        log=lambda msg: err.print(f"[dim]calibrate:[/] {msg}", highlight=False, soft_wrap=True))
+    if as_json:
+        emit_json(res)
+        return
+    out.print(render.calibrate_table(res))
+    out.print(render.calibrate_summary(res), highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -160,3 +160,32 @@ def bench_table(r: dict):
                  f"{r['speedup_paired']:.3f}x; medians of {r['repeats']} interleaved runs after {r['warmup']} "
                  f"warm-up, {r['threads']} thread(s)")
     return t
+
+
+def calibrate_table(res: dict) -> Table:
+    """`dtop calibrate`: every candidate evaluated, in order; the answer marked."""
+    t = Table(title=f"dtop calibrate {res['preset']}: {Path(res['checkpoint']).name}, {res['images']} images, "
+                    f"budget {res['target']['kind']} <= {res['target']['value']:g}")
+    ms = res["target"]["kind"] == "ms"
+    for col in ("#", "threshold", "mIoU", "GFLOPs", "ratio", *(["ms"] if ms else []), "fits", "step"):
+        t.add_column(col)
+    for i, c in enumerate(res["candidates"], 1):
+        chosen = c["threshold"] == res["threshold"]
+        t.add_row(str(i), format_threshold(c["threshold"]) + (" *" if chosen else ""), f"{c['miou']:.2f}",
+                  _f(c["gflops"]), f"{c['gflops_ratio']:.3f}", *([_f(c["ms"])] if ms else []),
+                  "yes" if c["meets"] else "no", c["step"])
+    return t
+
+
+def calibrate_summary(res: dict) -> str:
+    """The answer in one paragraph: setting, accuracy, cost, evaluations, time, files."""
+    lines = [f"threshold {format_threshold(res['threshold'])}: mIoU {res['miou']:.2f}, {res['gflops']:.4g} GFLOPs "
+             f"(ratio {res['gflops_ratio']:.3f} of {res['base_gflops']:.4g} at threshold 1.0), exit share "
+             + ", ".join(f"{100 * s:.1f}%" for s in res["exit_share"])]
+    if res["per_stage"]:
+        s = res["single"]
+        lines.append(f"best single threshold {format_threshold(s['threshold'])}: mIoU {s['miou']:.2f}, "
+                     f"ratio {s['gflops_ratio']:.3f} (per-stage {res['miou'] - s['miou']:+.2f} mIoU)")
+    lines.append(f"{res['evaluations']} candidates evaluated in {res['seconds']:.1f} s; wrote {res['calibration']}"
+                 + (f" and {res['applied']}" if res.get("applied") else ""))
+    return "\n".join(lines)
