@@ -1,12 +1,13 @@
 """A per-image cache of stage work, for evaluating one model at many exit thresholds.
 
 What stage s computes (its layers, and its head when that runs) depends on the input and on
-the exit decisions of the stages before it, i.e. on the thresholds of stages < s, and on
-nothing else. So the first stage (embedding, layers up to the first exit, first head) is the
-same at every threshold, and a search that changes only the last stage's threshold redoes
-only the last stage. The segmentor asks the memo before running a stage
-(``DToPSegmentor.exit_mode(memo=...)``) with the key ``(input digest, stage, thresholds of the
-stages before it, whether its head runs)``; a hit hands back the stage's state as it was.
+the exit decisions of the stages before it (which tokens left where), and on nothing else.
+So the first stage (embedding, layers up to the first exit, first head) is the same at every
+threshold; a search that changes only the last stage's threshold redoes only the last stage;
+and two thresholds that retire the same tokens share everything after. The segmentor asks
+the memo before running a stage (``DToPSegmentor.exit_mode(memo=...)``) with the key
+``(input digest, stage, fingerprints of the earlier stages' exits, whether its head runs)``;
+a hit hands back the stage's state as it was.
 
 Entries are kept newest-used last and the oldest dropped past ``max_bytes``; a search
 revisits the first stage of every image, so those entries stay warm.
@@ -27,6 +28,11 @@ def input_digest(inputs: Tensor) -> bytes:
     h.update(repr((tuple(inputs.shape), str(inputs.dtype))).encode())
     h.update(inputs.detach().contiguous().cpu().numpy().tobytes())
     return h.digest()
+
+
+def mask_digest(mask: Tensor) -> bytes:
+    """A fingerprint of an exit mask (which slots leave)."""
+    return input_digest(mask)
 
 
 def _nbytes(value: Any) -> int:

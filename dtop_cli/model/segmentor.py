@@ -31,7 +31,7 @@ from ..presets import Threshold, check_threshold, stage_thresholds
 from . import exits as X
 from .exits import DToPOutput
 from .graphs import StageGraphRunner
-from .memo import StageMemo, input_digest
+from .memo import StageMemo, input_digest, mask_digest
 
 
 @dataclass
@@ -119,7 +119,8 @@ class DToPSegmentor(EncoderDecoder):
 
         A non-final stage runs its head only where it can retire tokens (its threshold < 1),
         in training (deep supervision), with forced exits or for ``eval_stage``. With a
-        ``memo`` (inference only) a stage whose inputs were seen before is taken from it.
+        ``memo`` (inference only) a stage whose inputs were seen before (same image, same
+        exits at every earlier stage) is taken from it.
         """
         thresholds = self.stage_thresholds()
         forced = forced_exits is not None
@@ -127,13 +128,14 @@ class DToPSegmentor(EncoderDecoder):
         all_heads = self.training or forced or self.eval_stage is not None
         memo = None if (self.training or forced or self.eval_stage is not None) else self.stage_memo
         digest = input_digest(inputs) if memo is not None else None
+        decided: list = []  # per stage so far: its exits' fingerprint ("-": its head did not run)
         S = self.num_stages
         heads = self.heads()
         c: Optional[_Carry] = None
         for s, (start, end) in enumerate(self.backbone.stage_bounds()):
             last = s == S - 1
             run_head = last or all_heads or (prune and thresholds[s] < 1.0)
-            key = None if memo is None or last else (digest, self.keep_topk, s, thresholds[:s], run_head)
+            key = None if memo is None else (digest, self.keep_topk, s, tuple(decided), run_head)
             hit = memo.get(key) if key is not None else None
             if hit is not None:
                 c = hit.copy()
@@ -149,10 +151,13 @@ class DToPSegmentor(EncoderDecoder):
                 if key is not None:
                     memo.put(key, c.copy())
             if last or not (prune and run_head):
+                decided.append("-")
                 continue
             with torch.no_grad():
                 leaving = self.leaving_tokens(s, c.presence, c.masks, c.valid, c.pos, forced_exits)
                 plan = X.exit_plan(leaving, c.valid)  # the one host read of a stage
+                if memo is not None:
+                    decided.append(None if plan is None else mask_digest(plan.leaving))
                 if plan is None:
                     continue
                 X.mark_exits(c.exit_stage, plan.leaving, c.pos, s + 1)
