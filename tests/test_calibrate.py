@@ -158,6 +158,25 @@ def test_per_stage_thresholds_and_the_memo_give_the_plain_forward(trained):
             pass
 
 
+@torch.no_grad()
+def test_staged_graph_program_takes_per_stage_thresholds(trained):
+    """The CUDA-graph runner's staged program (run without capture on the CPU) retires the
+    same tokens as the eager forward with one threshold per stage."""
+    model, samples = _samples(trained)
+    x = model.data_preprocessor({"inputs": [s["inputs"] for s in samples[:2]]}, training=False)["inputs"]
+    for t in ((0.6, 0.8), (1.0, 0.5), (0.5, 1.0)):
+        with model.exit_mode(threshold=t):
+            ref = model.forward_dtop(x)
+        model.enable_cuda_graphs(capture=False)
+        try:
+            with model.exit_mode(threshold=t):
+                out = model.forward_dtop(x)
+        finally:
+            model.disable_cuda_graphs()
+        assert torch.equal(out.exit_stage, ref.exit_stage)
+        assert torch.allclose(out.scores, ref.scores, atol=1e-5)
+
+
 def test_cost_counts_only_the_heads_that_run(trained):
     from dtop_cli.cost import aux_heads_active, cost_from_counts
 
@@ -236,7 +255,19 @@ def test_calibrate_per_stage_is_no_worse_than_single(trained, run_cli, tmp_path)
     assert isinstance(t, float) or (isinstance(t, list) and len(t) == 2)
 
 
+def test_calibrate_to_wall_time_uses_the_bench_timing(trained, run_cli, tmp_path):
+    r = run_cli(["calibrate", "--ckpt", str(trained.ckpt), "--target-ms", "100000", "--images", "2",
+                 "--data-root", str(trained.data_root), "--out", str(tmp_path), "--device", "cpu",
+                 "--repeats", "1", "--max-evals", "3", "--json"])
+    assert r.code == 0, r.err
+    res = r.json()
+    assert res["evaluations"] == 3
+    assert all(c["ms"] > 0 and c["meets"] for c in res["candidates"])
+    assert res["ms"] is not None and res["timing"]["device"] == "cpu"
+
+
 @pytest.mark.parametrize("args, text", [
+    (["--target-ratio", "0.5", "--batch", "4"], "--target-ms"),
     (["--target-ratio", "0.00001"], "unreachable"),
     (["--target-ratio", "0.5", "--target-gflops", "1"], "exactly one"),
     ([], "exactly one"),
