@@ -690,7 +690,7 @@ def calibrate_cmd(
     images: int = typer.Option(200, "--images", help="Calibrate on the first N validation images."),
     per_stage: bool = typer.Option(False, "--per-stage", help="One threshold per non-final stage (coordinate "
                                    "search from the best single threshold)."),
-    max_evals: int = typer.Option(40, "--max-evals", help="At most this many candidates evaluated."),
+    max_evals: int = typer.Option(30, "--max-evals", help="At most this many candidates evaluated."),
     apply: bool = typer.Option(False, "--apply", help="Also write CKPT_STEM.calibrated.pth: the checkpoint with "
                                "the calibrated threshold in its meta (eval/infer use it by default)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for calibration.json (and the calibrated "

@@ -103,7 +103,7 @@ class Search:
     """
 
     def __init__(self, model: torch.nn.Module, samples: list, target: Target, base_gflops: float,
-                 timer: Optional[Callable[[Threshold], float]] = None, max_evals: int = 40,
+                 timer: Optional[Callable[[Threshold], float]] = None, max_evals: int = 30,
                  memo: Optional[StageMemo] = None, on_eval: Optional[Callable[[Candidate], None]] = None) -> None:
         self.model, self.samples, self.target = model, samples, target
         self.base_gflops, self.timer, self.max_evals = base_gflops, timer, int(max_evals)
@@ -142,7 +142,8 @@ class Search:
 
     def best(self) -> Optional[Candidate]:
         ok = [c for c in self.tried.values() if c.meets]
-        return max(ok, key=lambda c: (c.miou, -c.cost)) if ok else None
+        # ties: the cheaper one, then the higher (more conservative) thresholds
+        return max(ok, key=lambda c: (c.miou, -c.cost, stage_thresholds(c.threshold, self.stages))) if ok else None
 
     # ------------------------------------------------------------------ 1-D search
     def highest_fitting(self, make: Callable[[int], tuple], lo: int, hi: int, step: str,
@@ -304,7 +305,7 @@ class CalibrateOptions:
     target: Target
     images: int = 200
     per_stage: bool = False
-    max_evals: int = 40
+    max_evals: int = 30
     apply: bool = False
     out_dir: Optional[Path] = None
     device: Optional[str] = None
