@@ -17,7 +17,7 @@ import torch
 from .cost import GIGA, protocol_gflops
 from .errors import UserError
 from .measure import paper_cost, test_image
-from .presets import Preset, check_threshold, load_preset
+from .presets import Preset, Threshold, check_threshold, load_preset
 
 
 @dataclass
@@ -51,12 +51,13 @@ def _as_preset(preset: Union[str, Path, Preset]) -> Preset:
 
 
 def load_model(preset: Optional[Union[str, Path, Preset]], checkpoint: Optional[Union[str, Path]] = None, *,
-               threshold: Optional[float] = None, device: str = "cpu") -> torch.nn.Module:
+               threshold: Optional[Threshold] = None, device: str = "cpu") -> torch.nn.Module:
     """Build the preset's model in eval mode, optionally with a checkpoint (strict, safe load).
 
     preset: a name, YAML path or Preset; None takes the one a dtop checkpoint records.
-    threshold: exit threshold; default: the one recorded in a dtop checkpoint, else the
-    preset's. 1.0 turns pruning off (the base model).
+    threshold: exit threshold, one number or one per non-final stage (``0.9``, ``"0.97,0.9"``,
+    ``[0.97, 0.9]``); default: the one recorded in a dtop checkpoint (a calibrated one when
+    ``dtop calibrate --apply`` wrote it), else the preset's. 1.0 turns pruning off.
     """
     from .model.build import build_model
     from .model.checkpoint import load_weights
@@ -67,14 +68,16 @@ def load_model(preset: Optional[Union[str, Path, Preset]], checkpoint: Optional[
         p = resolve_preset(None if preset is None else str(preset), None, checkpoint)
     else:
         p = _as_preset(preset)
+    stages = p.num_stages - 1
     if threshold is not None:
-        threshold = check_threshold(threshold)
+        threshold = check_threshold(threshold, stages=stages)
     model = build_model(p, threshold=threshold)
     if checkpoint is not None:
         meta = load_weights(model, checkpoint)
         recorded = (meta.get("dtop") or {}).get("threshold")
         if threshold is None and recorded is not None:
-            model.threshold = float(recorded)
+            t = check_threshold(recorded, f"{checkpoint}: recorded threshold", stages=stages)
+            model.threshold = model.checked_threshold(t)
     model.dtop_preset = p
     return model.to(device).eval()
 

@@ -229,6 +229,8 @@ def _with_checkpoint(preset: Optional[str], overrides: Optional[List[str]], ckpt
 def _child_args(command: str, preset: Optional[str], overrides: Optional[List[str]], opts,
                 as_json: bool) -> list[str]:
     """The same command for each torchrun worker, with the options it was given."""
+    from .presets import format_threshold
+
     child = [command, "--data-root", str(opts.data_root), "--work-dir", str(opts.work_dir), "--seed", str(opts.seed)]
     if preset is not None:
         child += ["--preset", preset]
@@ -245,7 +247,7 @@ def _child_args(command: str, preset: Optional[str], overrides: Optional[List[st
                       ("--from", opts.base_checkpoint), ("--thresh", opts.threshold), ("--topk", opts.topk),
                       ("--wandb-project", opts.wandb_project), ("--wandb-name", opts.wandb_name)):
         if val is not None:
-            child += [flag, str(val)]
+            child += [flag, format_threshold(val) if flag == "--thresh" else str(val)]
     return child
 
 
@@ -350,7 +352,7 @@ def train_cmd(
 def prune_cmd(
     from_ckpt: Path = typer.Option(..., "--from", help="Base checkpoint to fine-tune with exits on."),
     preset: Optional[str] = CkptPresetOpt,
-    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the preset's)."),
+    thresh: Optional[str] = typer.Option(None, "--thresh", help="Exit threshold: 0.9, or one per non-final stage, 0.97,0.9 (default: the preset's)."),
     topk: Optional[int] = typer.Option(None, "--topk",
                                        help="Tokens kept per class for context (default: the preset's)."),
     data_root: Optional[Path] = CkptDataRootOpt,
@@ -392,8 +394,8 @@ def eval_cmd(
         None, "--ckpt", help="Checkpoint to evaluate, dtop's or the public code's (default: the newest under "
         "work_dirs/, a prune run before a base run of the same preset)."),
     preset: Optional[str] = CkptPresetOpt,
-    thresh: Optional[float] = typer.Option(
-        None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
+    thresh: Optional[str] = typer.Option(
+        None, "--thresh", help="Exit threshold: 0.9, or one per non-final stage, 0.97,0.9 (default: the checkpoint's, else the preset's; 1.0 = base)."),
     flops: bool = typer.Option(
         False, "--flops", help="Also GFLOPs per image (paper convention: one crop-size window; and the test "
         "protocol's total) and the share of tokens each stage finalised."),
@@ -460,8 +462,8 @@ def flops_cmd(
     ckpt: Optional[Path] = typer.Option(
         None, "--ckpt", help="Trained checkpoint: average the dynamic cost over validation images "
         "(without: one crop-size image, nothing exits)."),
-    thresh: Optional[float] = typer.Option(
-        None, "--thresh", help="Exit threshold (default: without --ckpt 1.0, the base model; with it the "
+    thresh: Optional[str] = typer.Option(
+        None, "--thresh", help="Exit threshold, 0.9 or 0.97,0.9 (default: without --ckpt 1.0, the base model; with it the "
         "checkpoint's, else the preset's)."),
     images: Optional[int] = typer.Option(
         None, "--images", help="With --ckpt: the first N validation images (default all)."),
@@ -496,8 +498,8 @@ def bench_cmd(
         None, "--exits", help="F1,F2: share of all tokens retired after stage 1 and by the end of stage 2 "
         "(cumulative), forced at random positions. Without it: the real exit rule of --ckpt."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Trained checkpoint (default: random weights)."),
-    thresh: Optional[float] = typer.Option(
-        None, "--thresh", help="With --ckpt and no --exits: exit threshold (default: the checkpoint's)."),
+    thresh: Optional[str] = typer.Option(
+        None, "--thresh", help="With --ckpt and no --exits: exit threshold, 0.9 or 0.97,0.9 (default: the checkpoint's)."),
     data_root: Optional[Path] = typer.Option(
         None, "--data-root", help="Time on the preset's validation images under this folder (default: random "
         "inputs)."),
@@ -535,7 +537,7 @@ def config_cmd(
     data_root: Path = DataRootOpt,
     work_dir: Optional[Path] = WorkDirOpt,
     from_ckpt: Optional[Path] = typer.Option(None, "--from", help="prune: the base checkpoint (load_from)."),
-    thresh: Optional[float] = typer.Option(None, "--thresh", help="prune: exit threshold."),
+    thresh: Optional[str] = typer.Option(None, "--thresh", help="prune: exit threshold, 0.9 or 0.97,0.9."),
     topk: Optional[int] = typer.Option(None, "--topk", help="prune: tokens kept per class."),
     max_iters: Optional[int] = MaxItersOpt,
     gpus: int = typer.Option(1, "--gpus", help="Total processes the batch is split over."),
@@ -597,7 +599,7 @@ def infer_cmd(
     preset: Optional[str] = CkptPresetOpt,
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (dtop's or the public code's layout)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_{labels,overlay,exits,panel}.png."),
-    thresh: Optional[float] = typer.Option(None, "--thresh", help="Exit threshold (default: the checkpoint's, else the preset's; 1.0 = base)."),
+    thresh: Optional[str] = typer.Option(None, "--thresh", help="Exit threshold: 0.9, or one per non-final stage, 0.97,0.9 (default: the checkpoint's, else the preset's; 1.0 = base)."),
     device: Optional[str] = DeviceOpt,
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = JsonOpt,
@@ -656,6 +658,10 @@ def sweep_cmd(
     thresholds: str = typer.Option("0.8,0.85,0.9,0.95,1.0", "--thresholds", help="Comma-separated exit thresholds in (0, 1]."),
     images: Optional[int] = typer.Option(None, "--images", help="The first N validation images only (default all)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for sweep.csv and sweep.png."),
+    per_stage: bool = typer.Option(False, "--per-stage", help="Every combination of the thresholds over the "
+                                   "non-final stages (e.g. 0.9,1.0 -> 1.0 | 1,0.9 | 0.9,1 | 0.9)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="calibration.json of `dtop calibrate`: "
+                                               "mark its point on the plot."),
     data_root: Optional[Path] = CkptDataRootOpt,
     device: Optional[str] = DeviceOpt,
     overrides: Optional[List[str]] = SetOpt,
@@ -669,12 +675,60 @@ def sweep_cmd(
     p, data_root = _with_checkpoint(preset, overrides, ckpt, data_root)
     with Progress("sweep", console=err, transient=True) as bar:
         res = run_sweep(p, ckpt, ts, data_root, out_dir, images=images, progress=bar,
-                        device=api.resolve_device(device))
+                        device=api.resolve_device(device), per_stage=per_stage, calibration=calibration)
     if as_json:
         emit_json(res)
         return
     out.print(render.sweep_table(p.name, ckpt, res))
     out.print(f"wrote {res['csv']} and {res['plot']}", highlight=False, soft_wrap=True)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint to calibrate (a pruned one, usually)."),
+    target_gflops: Optional[float] = typer.Option(
+        None, "--target-gflops", help="Budget: average GFLOPs per image (paper convention) at most G."),
+    target_ratio: Optional[float] = typer.Option(
+        None, "--target-ratio", help="Budget: average GFLOPs at most R times the same model's at threshold 1.0."),
+    target_ms: Optional[float] = typer.Option(
+        None, "--target-ms", help="Budget: wall time of one batch at most T ms (dtop bench's method; "
+        "--device, --batch, --dtype)."),
+    images: int = typer.Option(200, "--images", help="Calibrate on the first N validation images."),
+    per_stage: bool = typer.Option(False, "--per-stage", help="One threshold per non-final stage (coordinate "
+                                   "search from the best single threshold)."),
+    max_evals: int = typer.Option(30, "--max-evals", help="At most this many candidates evaluated."),
+    apply: bool = typer.Option(False, "--apply", help="Also write CKPT_STEM.calibrated.pth: the checkpoint with "
+                               "the calibrated threshold in its meta (eval/infer use it by default)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for calibration.json (and the calibrated "
+                                           "checkpoint); default: the checkpoint's folder."),
+    device: Optional[str] = DeviceOpt,
+    batch: int = typer.Option(1, "--batch", help="--target-ms: images per timed forward."),
+    dtype: str = typer.Option("fp32", "--dtype", help="--target-ms: fp32, bf16 or fp16."),
+    repeats: int = typer.Option(5, "--repeats", help="--target-ms: timed runs per candidate."),
+    preset: Optional[str] = CkptPresetOpt,
+    data_root: Optional[Path] = CkptDataRootOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Best mIoU within a cost budget: searches the exit threshold(s), writes calibration.json."""
+    from .commands.calibrate import CalibrateOptions, calibrate, target_from_options
+
+    target = target_from_options(target_gflops, target_ratio, target_ms)
+    if target.kind != "ms" and (batch != 1 or dtype != "fp32"):
+        raise UserError("--batch and --dtype shape the timing of --target-ms; GFLOPs budgets take neither")
+    if images < 1:
+        raise UserError(f"--images must be a positive integer (got {images})")
+    p, data_root = _with_checkpoint(preset, overrides, ckpt, data_root)
+    opts = CalibrateOptions(target, images=images, per_stage=per_stage, max_evals=max_evals, apply=apply,
+                            out_dir=out_dir, device=device, batch=batch, dtype=dtype, repeats=repeats)
+    with Progress("calibrate: reading images", console=err, transient=True) as bar:
+        res = calibrate(p, ckpt, data_root, opts, progress=bar,
+                        log=lambda msg: err.print(f"[dim]calibrate:[/] {msg}", highlight=False, soft_wrap=True))
+    if as_json:
+        emit_json(res)
+        return
+    out.print(render.calibrate_table(res))
+    out.print(render.calibrate_summary(res), highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- entry point

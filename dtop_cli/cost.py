@@ -295,21 +295,24 @@ def resize_flops(num_classes: int, out_hw: tuple[int, int]) -> int:
     return 4 * num_classes * out_hw[0] * out_hw[1]
 
 
-def aux_heads_active(model: nn.Module) -> bool:
-    """Whether inference runs the auxiliary heads: only when they can retire tokens
-    (threshold < 1) or their own prediction is asked for (``eval_stage``)."""
-    return float(model.threshold) < 1.0 or getattr(model, "eval_stage", None) is not None
+def aux_heads_active(model: nn.Module) -> list[bool]:
+    """Which auxiliary heads inference runs: those whose stage can retire tokens (its
+    threshold < 1), or all of them when their own prediction is asked for (``eval_stage``)."""
+    if getattr(model, "eval_stage", None) is not None:
+        return [True] * (model.num_stages - 1)
+    return [t < 1.0 for t in model.stage_thresholds()]
 
 
 def cost_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int],
-                     out_hw: tuple[int, int] | None = None, aux_heads: bool | None = None) -> FlopBreakdown:
+                     out_hw: tuple[int, int] | None = None, aux_heads: bool | Sequence[bool] | None = None
+                     ) -> FlopBreakdown:
     """FLOPs of one forward of one image from the tokens each stage ran on.
 
     hw: token grid (h, w). counts: tokens each stage's layers ran on (a row of
     ``DToPOutput.active_counts``); head s reads the tokens stage s produced, so it sees
     counts[s] too. out_hw: pixel size the scores are resized to (default: grid x patch).
-    aux_heads: whether the auxiliary heads ran (default: from the model's threshold and
-    eval_stage). Padding slots are not counted: this is the cost of this image alone.
+    aux_heads: whether the auxiliary heads ran, all of them or one flag per head (default:
+    from the model's thresholds and eval_stage, see :func:`aux_heads_active`). Padding slots are not counted: this is the cost of this image alone.
     """
     bb = model.backbone
     bounds = bb.stage_bounds()
@@ -318,6 +321,8 @@ def cost_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int
         raise ValueError(f"expected {len(bounds)} stage counts, got {len(counts)}")
     if aux_heads is None:
         aux_heads = aux_heads_active(model)
+    if isinstance(aux_heads, bool):
+        aux_heads = [aux_heads] * (len(bounds) - 1)
     if out_hw is None:
         out_hw = (hw[0] * bb.patch_size, hw[1] * bb.patch_size)
     heads = model.heads()
@@ -336,7 +341,7 @@ def cost_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int
             backbone += _layer_norm(bb.ln1, n + extra)
         if s == S - 1 and dense:
             stage_heads += setr_dense_flops(heads[s], hw)
-        elif s == S - 1 or aux_heads:
+        elif s == S - 1 or aux_heads[s]:
             stage_heads += head_flops(heads[s], n)
     if not dense:  # the output head's upsampling of the merged logits (SETR)
         stage_heads += output_flops(heads[out_stage - 1], hw)
@@ -345,7 +350,8 @@ def cost_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int
 
 
 def gflops_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int],
-                       out_hw: tuple[int, int] | None = None, aux_heads: bool | None = None) -> float:
+                       out_hw: tuple[int, int] | None = None, aux_heads: bool | Sequence[bool] | None = None
+                       ) -> float:
     """GFLOPs of one forward of one image from its active token counts (see cost_from_counts)."""
     return cost_from_counts(model, hw, counts, out_hw, aux_heads).total / GIGA
 

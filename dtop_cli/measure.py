@@ -27,6 +27,7 @@ import torch
 from .cost import GIGA, FlopBreakdown, aux_heads_active, cost_from_counts, protocol_gflops
 from .data.mmseg import paper_window
 from .metrics import Confusion, token_shares
+from .presets import Threshold, threshold_value
 
 Progress = Callable[[int, int], None]
 
@@ -35,7 +36,7 @@ Progress = Callable[[int, int], None]
 class Tally:
     """What one threshold accumulated over the images."""
 
-    threshold: float
+    threshold: Threshold  # one number, or one per non-final stage
     num_classes: int
     num_stages: int
     images: int = 0
@@ -49,7 +50,7 @@ class Tally:
         """{threshold, images, miou, aacc, iou, stage_miou, gflops, gflops_protocol,
         breakdown, exit_share, active_share}, each present when it was measured."""
         n = max(self.images, 1)
-        out: dict[str, Any] = {"threshold": self.threshold, "images": self.images}
+        out: dict[str, Any] = {"threshold": threshold_value(self.threshold), "images": self.images}
         if self.confusion is not None:
             s = self.confusion.summary()
             out.update(miou=s["miou"], aacc=s["aacc"], iou=s["iou"],
@@ -143,13 +144,14 @@ def paper_cost(model: torch.nn.Module, image: np.ndarray, windows: Optional[Sequ
 
 
 @torch.no_grad()
-def measure(model: torch.nn.Module, dataset: Any, thresholds: Sequence[float], *, miou: bool = True,
-            cost: bool = True, stages: Sequence[int] = (), progress: Optional[Progress] = None
-            ) -> list[Tally]:
+def measure(model: torch.nn.Module, dataset: Any, thresholds: Sequence[Threshold], *, miou: bool = True,
+            cost: bool = True, stages: Sequence[int] = (), progress: Optional[Progress] = None,
+            memo: Optional[Any] = None) -> list[Tally]:
     """Measure ``model`` on every image of ``dataset`` (test pipeline) at every threshold.
 
     stages: heads (1..S-1) also scored on their own (per-stage mIoU) at each threshold.
-    Returns one :class:`Tally` per threshold, in the order given.
+    memo: a :class:`~dtop_cli.model.memo.StageMemo` to reuse stage work across calls (a
+    search measuring the same images at many thresholds). Returns one :class:`Tally` per threshold, in the order given.
 
     In a process group (``dtop eval --gpus N``) each process measures every N-th image and
     the tallies are summed over the processes: every rank returns the whole set's result.
@@ -157,7 +159,7 @@ def measure(model: torch.nn.Module, dataset: Any, thresholds: Sequence[float], *
     from mmengine.dataset import pseudo_collate
 
     K, S = model.decode_head.num_classes, model.num_stages
-    tallies = [Tally(float(t), K, S, confusion=Confusion(K) if miou else None,
+    tallies = [Tally(model.checked_threshold(t), K, S, confusion=Confusion(K) if miou else None,
                      stage_confusion={s: Confusion(K) for s in stages} if miou else {},
                      counts=np.zeros(S) if cost else None) for t in thresholds]
     rank, world = _dist()
@@ -170,7 +172,7 @@ def measure(model: torch.nn.Module, dataset: Any, thresholds: Sequence[float], *
         sample = dataset[i]
         batch = pseudo_collate([sample])
         for tally in tallies:
-            with model.exit_mode(threshold=tally.threshold):
+            with model.exit_mode(threshold=tally.threshold, memo=memo):
                 windows = None
                 if miou:
                     res = model.test_step(batch)[0]

@@ -95,9 +95,35 @@ def valid_threshold(value: float) -> bool:
     return 0.0 < value <= 1.0
 
 
-def check_threshold(value: Any, what: str = "--thresh") -> float:
-    """The one check of an exit threshold given on the command line or through the API."""
+#: An exit threshold: one for every non-final stage, or one per non-final stage (in order).
+Threshold = Union[float, tuple[float, ...]]
+
+
+def check_threshold(value: Any, what: str = "--thresh", stages: Optional[int] = None) -> Threshold:
+    """The one check of an exit threshold given on the command line, in a preset or through
+    the API: ``0.9``, ``"0.97,0.9"`` or ``[0.97, 0.9]``. Returns a float, or a tuple with one
+    value per non-final stage. stages: the number of non-final stages, when known (a tuple
+    of another length is refused; a one-element list is the plain number)."""
+    if isinstance(value, str):
+        parts = [v.strip() for v in value.split(",")]
+        value = parts[0] if len(parts) == 1 else parts
+    if isinstance(value, (list, tuple)):
+        vals = tuple(_one_threshold(v, what) for v in value)
+        if not vals:
+            raise UserError(f"{what}: give a number in (0, 1] or one per non-final stage, e.g. 0.97,0.9")
+        if len(vals) == 1:
+            return vals[0]
+        if stages is not None and len(vals) != stages:
+            raise UserError(f"{what}: {len(vals)} per-stage thresholds for a model with {stages} non-final "
+                            f"stage(s) (give one number, or exactly {stages})")
+        return vals
+    return _one_threshold(value, what)
+
+
+def _one_threshold(value: Any, what: str) -> float:
     try:
+        if isinstance(value, bool):
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         raise UserError(f"{what} must be a number in (0, 1] (got {value!r})") from None
@@ -106,9 +132,45 @@ def check_threshold(value: Any, what: str = "--thresh") -> float:
     return v
 
 
+def stage_thresholds(threshold: Threshold, stages: int) -> tuple[float, ...]:
+    """The threshold of each of the ``stages`` non-final stages."""
+    if isinstance(threshold, (list, tuple)):
+        if len(threshold) != stages:
+            raise UserError(f"{len(threshold)} per-stage thresholds for a model with {stages} non-final stage(s)")
+        return tuple(float(t) for t in threshold)
+    return (float(threshold),) * stages
+
+
+def threshold_value(threshold: Threshold) -> Union[float, list[float]]:
+    """The JSON/YAML form: a number, or a list with one number per non-final stage."""
+    return [float(t) for t in threshold] if isinstance(threshold, (list, tuple)) else float(threshold)
+
+
+def format_threshold(threshold: Threshold) -> str:
+    """``0.9`` or ``0.97,0.9``: the form ``--thresh`` takes back."""
+    if isinstance(threshold, (list, tuple)):
+        return ",".join(f"{float(t):g}" for t in threshold)
+    return f"{float(threshold):g}"
+
+
+def prunes(threshold: Threshold) -> bool:
+    """Whether any stage can retire tokens (some threshold below 1)."""
+    vals = threshold if isinstance(threshold, (list, tuple)) else (threshold,)
+    return min(float(t) for t in vals) < 1.0
+
+
+def _preset_threshold(value: Any, key: str, where: str) -> Union[float, list[float]]:
+    try:
+        return threshold_value(check_threshold(value, key))
+    except UserError:
+        raise PresetError(f"{where}: key '{key}': expected a number in (0, 1] or a list of them (one per "
+                          f"non-final stage), got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class ExitCfg:
-    threshold: float = field(metadata={"check": (valid_threshold, "a number in (0, 1]")})
+    #: one number, or a list with one per non-final stage (see :func:`check_threshold`)
+    threshold: Union[float, list[float]] = field(metadata={"convert": _preset_threshold})
     keep_topk: int = field(metadata={"check": (lambda v: v >= 0, "an integer >= 0")})
 
 
@@ -254,6 +316,8 @@ def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) > 1:
+            return " or ".join(_type_name(a) for a in args)
         return f"{_type_name(args[0])} or null"
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
@@ -330,7 +394,9 @@ def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
             if f.default is not dataclasses.MISSING:
                 continue
             raise PresetError(f"{where}: missing key '{key}' ({_type_name(hints[name])})")
-        kwargs[name] = _convert(data[name], hints[name], key, f.metadata, where)
+        convert = f.metadata.get("convert")
+        kwargs[name] = (convert(data[name], key, where) if convert is not None
+                        else _convert(data[name], hints[name], key, f.metadata, where))
     return cls(**kwargs)
 
 
@@ -344,6 +410,10 @@ def _semantic_checks(p: Preset, where: str) -> None:
             f"{where}: key 'model.stage_ends': expected strictly increasing layer indices "
             f"ending at num_layers-1 = {m.num_layers - 1}, got {ends}"
         )
+    t = p.exit.threshold
+    if isinstance(t, list) and len(t) != len(ends) - 1:
+        raise PresetError(f"{where}: key 'exit.threshold': expected one number or {len(ends) - 1} (one per "
+                          f"non-final stage), got {len(t)}: {t}")
     if m.embed_dims % m.num_heads:
         raise PresetError(f"{where}: key 'model.num_heads': expected a divisor of embed_dims {m.embed_dims}")
     for cfg in (m.head, m.aux_head):

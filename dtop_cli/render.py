@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from rich.table import Table
 
+from .presets import format_threshold
+
 
 def _f(v: Optional[float], fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
@@ -35,7 +37,7 @@ def presets_table(items: Sequence[Any]) -> Table:
         nums = [f"{pp.base_miou:.1f}", f"{pp.base_gflops:.1f}", f"{pp.pruned_miou:.1f}", f"{pp.pruned_gflops:.1f}"] \
             if pp else ["-"] * 4
         t.add_row(p.name, p.model.backbone, p.data.dataset, "x".join(map(str, p.data.crop)),
-                  ",".join(map(str, p.model.stage_ends)), f"{p.exit.threshold:g}", str(p.exit.keep_topk), *nums)
+                  ",".join(map(str, p.model.stage_ends)), format_threshold(p.exit.threshold), str(p.exit.keep_topk), *nums)
     t.columns[0].min_width = max(len(p.name) for p in items)  # a preset name is never cut short
     return t
 
@@ -62,7 +64,7 @@ def train_table(command: str, preset: str, res: dict) -> Table:
     """`dtop train` / `dtop prune`: where the checkpoint is, and the last validation metrics."""
     t = Table(title=f"dtop {command} {preset}", show_header=False)
     for k in ("work_dir", "checkpoint", "iters", "threshold", "seconds"):
-        t.add_row(k, str(res[k]))
+        t.add_row(k, format_threshold(res[k]) if k == "threshold" else str(res[k]))
     for k, v in res["metrics"].items():
         t.add_row(f"val {k}", f"{v:.2f}")
     return t
@@ -70,7 +72,7 @@ def train_table(command: str, preset: str, res: dict) -> Table:
 
 def eval_tables(preset: str, ckpt: Path, res: dict) -> list[Table]:
     """`dtop eval`: mIoU, aAcc, per-stage mIoU and cost; with --per-class a second table."""
-    t = Table(title=f"dtop eval {preset}: {Path(ckpt).name} @ thresh {res['threshold']:g} ({res['images']} images)")
+    t = Table(title=f"dtop eval {preset}: {Path(ckpt).name} @ thresh {format_threshold(res['threshold'])} ({res['images']} images)")
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("mIoU", f"{res['miou']:.2f}")
@@ -100,7 +102,7 @@ def quickstart_table(s: dict) -> Table:
         t.add_column(col, justify="left" if col in ("model", "per stage") else "right")
     t.add_row("base (thresh 1.0)", f"{b['miou']:.2f}", _f(b["gflops"]),
               "mIoU " + " / ".join(f"{v:.1f}" for v in b["stage_miou"]))
-    t.add_row(f"pruned (thresh {q['threshold']:g})", f"{q['miou']:.2f}", _f(q["gflops"]),
+    t.add_row(f"pruned (thresh {format_threshold(q['threshold'])})", f"{q['miou']:.2f}", _f(q["gflops"]),
               "exits " + " / ".join(f"{v:.0%}" for v in q["exit_share"]))
     return t
 
@@ -111,7 +113,7 @@ def sweep_table(preset: str, ckpt: Path, res: dict) -> Table:
     for col in ("threshold", "mIoU", "aAcc", "GFLOPs", "exit share per stage"):
         t.add_column(col, justify="right")
     for r in res["rows"]:
-        t.add_row(f"{r['threshold']:g}", f"{r['miou']:.2f}", f"{r['aacc']:.2f}", _f(r["gflops"]),
+        t.add_row(format_threshold(r["threshold"]), f"{r['miou']:.2f}", f"{r['aacc']:.2f}", _f(r["gflops"]),
                   _shares(r["exit_share"]))
     return t
 
@@ -120,7 +122,7 @@ def flops_table(result: dict):
     """Rich table of a flops report: breakdown, exit shares and the paper's number."""
     g = result["gflops"]
     title = (f"dtop flops {result['preset']}: {result['mode']}, {result['images']} image(s) at "
-             f"{result['shape'][0]}x{result['shape'][1]}, threshold {result['threshold']:g}")
+             f"{result['shape'][0]}x{result['shape'][1]}, threshold {format_threshold(result['threshold'])}")
     t = Table(title=title)
     t.add_column("part")
     t.add_column("GFLOPs", justify="right")
@@ -139,7 +141,7 @@ def flops_table(result: dict):
 def bench_table(r: dict):
     """Rich table of a bench result: times, ratios, memory."""
     what = (f"exits {','.join(f'{f:g}' for f in r['exits'])}" if r["mode"] == "forced"
-            else f"threshold {r['threshold']:g}")
+            else f"threshold {format_threshold(r['threshold'])}")
     t = Table(title=f"dtop bench {r['preset']}: {r['device_name']}, {r['dtype']}, batch {r['batch']}, "
                     f"{r['shape'][0]}x{r['shape'][1]}, {what}, {r['inputs']} inputs"
                     f"{', CUDA graphs' if r['graphs'] else ''}")
@@ -158,3 +160,32 @@ def bench_table(r: dict):
                  f"{r['speedup_paired']:.3f}x; medians of {r['repeats']} interleaved runs after {r['warmup']} "
                  f"warm-up, {r['threads']} thread(s)")
     return t
+
+
+def calibrate_table(res: dict) -> Table:
+    """`dtop calibrate`: every candidate evaluated, in order; the answer marked."""
+    t = Table(title=f"dtop calibrate {res['preset']}: {Path(res['checkpoint']).name}, {res['images']} images, "
+                    f"budget {res['target']['kind']} <= {res['target']['value']:g}")
+    ms = res["target"]["kind"] == "ms"
+    for col in ("#", "threshold", "mIoU", "GFLOPs", "ratio", *(["ms"] if ms else []), "fits", "step"):
+        t.add_column(col)
+    for i, c in enumerate(res["candidates"], 1):
+        chosen = c["threshold"] == res["threshold"]
+        t.add_row(str(i), format_threshold(c["threshold"]) + (" *" if chosen else ""), f"{c['miou']:.2f}",
+                  _f(c["gflops"]), f"{c['gflops_ratio']:.3f}", *([_f(c["ms"])] if ms else []),
+                  "yes" if c["meets"] else "no", c["step"])
+    return t
+
+
+def calibrate_summary(res: dict) -> str:
+    """The answer in one paragraph: setting, accuracy, cost, evaluations, time, files."""
+    lines = [f"threshold {format_threshold(res['threshold'])}: mIoU {res['miou']:.2f}, {res['gflops']:.4g} GFLOPs "
+             f"(ratio {res['gflops_ratio']:.3f} of {res['base_gflops']:.4g} at threshold 1.0), exit share "
+             + ", ".join(f"{100 * s:.1f}%" for s in res["exit_share"])]
+    if res["per_stage"]:
+        s = res["single"]
+        lines.append(f"best single threshold {format_threshold(s['threshold'])}: mIoU {s['miou']:.2f}, "
+                     f"ratio {s['gflops_ratio']:.3f} (per-stage {res['miou'] - s['miou']:+.2f} mIoU)")
+    lines.append(f"{res['evaluations']} candidates evaluated in {res['seconds']:.1f} s; wrote {res['calibration']}"
+                 + (f" and {res['applied']}" if res.get("applied") else ""))
+    return "\n".join(lines)

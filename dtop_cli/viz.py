@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from .presets import Preset
+from .presets import Preset, format_threshold, prunes
 
 #: Stage colours (RGB) for the usual three stages: blue = early exit, red = full depth.
 _STAGE_RGB_3 = ((49, 130, 189), (253, 192, 80), (215, 48, 39))
@@ -279,31 +279,51 @@ def panel(bgr: np.ndarray, labels: np.ndarray, stage_img: np.ndarray, rows: np.n
     return buf.getvalue()
 
 
-def sweep_plot(rows: Sequence[dict], title: str, paper: object | None = None) -> bytes:
+def sweep_plot(rows: Sequence[dict], title: str, paper: object | None = None,
+               calibrated: dict | None = None) -> bytes:
     """mIoU against GFLOPs, one labelled point per threshold; the paper's points when given.
 
-    Without a FLOP count (None) the x axis falls back to the threshold itself.
+    Without a FLOP count (None) the x axis falls back to the threshold itself. Rows with
+    per-stage thresholds (a grid) are drawn as points with their best-mIoU-per-cost front
+    as the line; only the front is labelled. calibrated: a ``dtop calibrate`` result
+    ({threshold, gflops, miou}), marked on the plot.
     """
     # A bare Figure renders through Agg without touching pyplot's global backend or state.
     from matplotlib.figure import Figure
 
     have_flops = all(r.get("gflops") is not None for r in rows)
-    xs = np.array([r["gflops"] if have_flops else r["threshold"] for r in rows], dtype=float)
+    single = all(not isinstance(r["threshold"], (list, tuple)) for r in rows)
+    xs = np.array([r["gflops"] if have_flops else np.mean(r["threshold"]) for r in rows], dtype=float)
     ys = np.array([r["miou"] for r in rows], dtype=float)
     order = np.argsort(xs, kind="stable")
     fig = Figure(figsize=(6.0, 4.2), dpi=100)
     ax = fig.subplots()
-    ax.plot(xs[order], ys[order], "-o", color="#2b6cb0", label="this model, by exit threshold", zorder=3)
-    base = [i for i, r in enumerate(rows) if r["threshold"] >= 1.0]
+    if single:
+        shown = list(range(len(rows)))
+        ax.plot(xs[order], ys[order], "-o", color="#2b6cb0", label="this model, by exit threshold", zorder=3)
+    else:
+        front, best = [], -np.inf
+        for i in order:  # cheapest first: a point is on the front if it beats every cheaper one
+            if ys[i] > best:
+                front.append(int(i))
+                best = ys[i]
+        shown = front
+        ax.plot(xs, ys, "o", color="#90cdf4", markersize=4, zorder=2, label="per-stage thresholds")
+        ax.plot(xs[front], ys[front], "-o", color="#2b6cb0", zorder=3, label="best mIoU for its cost")
+    base = [i for i, r in enumerate(rows) if not prunes(r["threshold"])]
     if base:
         ax.plot(xs[base], ys[base], "s", color="#2b6cb0", markersize=8, zorder=4,
                 label="threshold 1.0 (no exits)")
     # thresholds that landed on the same point (nothing more exits) share one label
     labels: dict[tuple[float, float], list[str]] = {}
-    for x, y, r in zip(xs, ys, rows):
-        labels.setdefault((round(float(x), 9), round(float(y), 6)), []).append(f"{r['threshold']:g}")
+    for i in shown:
+        key = (round(float(xs[i]), 9), round(float(ys[i]), 6))
+        labels.setdefault(key, []).append(format_threshold(rows[i]["threshold"]))
     for (x, y), names in labels.items():
         ax.annotate("/".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if calibrated is not None and have_flops:
+        ax.plot([calibrated["gflops"]], [calibrated["miou"]], "D", color="#dd6b20", markersize=9, zorder=5,
+                label=f"calibrated: {format_threshold(calibrated['threshold'])}")
     if paper is not None and have_flops:
         ax.plot([paper.base_gflops], [paper.base_miou], "s", color="0.35", label="paper: base", zorder=3)
         ax.plot([paper.pruned_gflops], [paper.pruned_miou], "*", color="#c53030", markersize=12,

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..metrics import token_shares
-from ..presets import check_threshold
+from ..presets import check_threshold, prunes, stage_thresholds, threshold_value
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_SEED = 0  # positions of forced exits: fixed, so runs and machines compare
@@ -243,7 +243,7 @@ class BenchOptions:
         if self.thresh is not None and self.exits is not None:
             raise UserError("--thresh sets the real exit rule; it does not combine with --exits")
         if self.thresh is not None:
-            check_threshold(self.thresh)
+            check_threshold(self.thresh)  # the count is checked against the model (load_model)
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1 (got {self.threads})")
         if self.device not in ("cpu", "cuda"):
@@ -285,8 +285,8 @@ def run_bench(opts: BenchOptions, model=None, log: Callable[[str], None] = lambd
             model.dtop_preset = p
     model = model.to(device=dev, dtype=DTYPES[opts.dtype]).eval()
     model.disable_cuda_graphs()
-    pruned_threshold = float(model.threshold if opts.thresh is None else opts.thresh)
-    if opts.exits is None and pruned_threshold >= 1.0:
+    pruned_threshold = model.checked_threshold(model.threshold if opts.thresh is None else opts.thresh)
+    if opts.exits is None and not prunes(pruned_threshold):
         raise UserError("the checkpoint's threshold is 1.0 (nothing exits): pass --thresh T < 1 or --exits")
 
     batch = opts.batch
@@ -325,7 +325,9 @@ def run_bench(opts: BenchOptions, model=None, log: Callable[[str], None] = lambd
             if out.active_counts.tolist() != [expected] * batch:
                 raise RuntimeError(f"forced exits ran {out.active_counts.tolist()}, expected {expected} per image")
         dense_gflops = gflops_from_counts(model, grid, [N] * S, out_hw=(H, W), aux_heads=False)
-        pruned_gflops = statistics.fmean(gflops_from_counts(model, grid, c, out_hw=(H, W), aux_heads=True)
+        # forced exits run every head; the exit rule skips the heads of stages at threshold 1.0
+        heads = True if shares is not None else [t < 1.0 for t in stage_thresholds(pruned_threshold, S - 1)]
+        pruned_gflops = statistics.fmean(gflops_from_counts(model, grid, c, out_hw=(H, W), aux_heads=heads)
                                          for c in out.active_counts.tolist())
         mean_counts = counts.mean(0).tolist()
         ideal = ideal_ratio(model, mean_counts)
@@ -367,7 +369,7 @@ def run_bench(opts: BenchOptions, model=None, log: Callable[[str], None] = lambd
         "preset": p.name,
         "mode": "forced" if shares is not None else "threshold",
         "exits": list(shares) if shares is not None else None,
-        "threshold": None if shares is not None else pruned_threshold,
+        "threshold": None if shares is not None else threshold_value(pruned_threshold),
         "inputs": inputs_kind,
         "device": dev.type,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from ..data.mmseg import check_dataset, val_dataset
 from ..measure import Progress, measure
-from ..presets import Preset, check_threshold
+from ..presets import Preset, Threshold, check_threshold, threshold_value
 
 
 def evaluate(
@@ -23,7 +23,7 @@ def evaluate(
     checkpoint: Union[str, Path],
     *,
     data_root: Union[str, Path],
-    threshold: Optional[float] = None,
+    threshold: Optional[Threshold] = None,
     flops: bool = False,
     per_class: bool = False,
     stage_miou: bool = False,
@@ -42,7 +42,7 @@ def evaluate(
     data_root = Path(data_root).expanduser().resolve()
     check_dataset(preset, data_root)
     if threshold is not None:
-        threshold = check_threshold(threshold)
+        threshold = check_threshold(threshold, stages=preset.num_stages - 1)
     device = api.resolve_device(device)
     with contextlib.redirect_stdout(sys.stderr):  # mmengine logs to stdout; --json owns it
         model = api.load_model(preset, checkpoint, threshold=threshold, device=device)
@@ -53,7 +53,7 @@ def evaluate(
     result: dict[str, Any] = {
         "miou": res["miou"],
         "aacc": res["aacc"],
-        "threshold": float(model.threshold),
+        "threshold": threshold_value(model.threshold),
         "images": res["images"],
         "checkpoint": str(checkpoint),
     }

@@ -20,7 +20,7 @@ from ..cost import GIGA, trace_flops
 from ..data.mmseg import val_dataset
 from ..errors import UserError
 from ..measure import Progress, measure
-from ..presets import Preset, check_threshold, load_preset
+from ..presets import Preset, Threshold, check_threshold, load_preset, prunes, threshold_value
 
 
 def _as_preset(preset: str | Path | Preset) -> Preset:
@@ -35,15 +35,16 @@ def _check_shape(p: Preset, shape: Sequence[int] | None) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _paper_gflops(p: Preset, threshold: float, shape: tuple[int, int], dynamic: bool) -> float | None:
+def _paper_gflops(p: Preset, threshold: Threshold, shape: tuple[int, int], dynamic: bool) -> float | None:
     """The paper's number this measurement is comparable with, if any: the base GFLOPs at
     threshold 1.0, the pruned average only for a dataset run at the preset's threshold;
     crop size only."""
     if p.paper is None or tuple(shape) != tuple(p.data.crop):
         return None
-    if threshold >= 1.0:
+    if not prunes(threshold):
         return float(p.paper.base_gflops)
-    return float(p.paper.pruned_gflops) if dynamic and threshold == p.exit.threshold else None
+    same = threshold_value(threshold) == threshold_value(p.exit.threshold)
+    return float(p.paper.pruned_gflops) if dynamic and same else None
 
 
 @contextlib.contextmanager
@@ -63,7 +64,7 @@ def _skip_weight_init() -> Iterator[None]:
 
 
 def static_gflops(preset: str | Path | Preset, shape: Sequence[int] | None = None,
-                  threshold: float = 1.0) -> dict:
+                  threshold: Threshold = 1.0) -> dict:
     """Cost of one image at crop size (or ``shape``) with nothing exiting; no checkpoint.
 
     threshold 1.0 (default) is the base model: the paper's base GFLOPs. A threshold < 1
@@ -74,7 +75,7 @@ def static_gflops(preset: str | Path | Preset, shape: Sequence[int] | None = Non
 
     p = _as_preset(preset)
     H, W = _check_shape(p, shape)
-    thr = check_threshold(threshold)
+    thr = check_threshold(threshold, stages=p.num_stages - 1)
     with _skip_weight_init():
         model = build_model(p, threshold=thr)
     with torch.no_grad():
@@ -84,7 +85,7 @@ def static_gflops(preset: str | Path | Preset, shape: Sequence[int] | None = Non
     ps = model.backbone.patch_size
     gh, gw = -(-H // ps), -(-W // ps)
     S = model.num_stages
-    forced = None if thr >= 1.0 else [torch.zeros(1, gh * gw, dtype=torch.bool) for _ in range(S - 1)]
+    forced = None if not prunes(thr) else [torch.zeros(1, gh * gw, dtype=torch.bool) for _ in range(S - 1)]
     br = trace_flops(model, torch.zeros(1, 3, H, W), forced)
     return {
         "preset": p.name,
@@ -93,14 +94,14 @@ def static_gflops(preset: str | Path | Preset, shape: Sequence[int] | None = Non
         "images": 1,
         "exit_share": [0.0] * (S - 1) + [1.0],
         "breakdown": br.gflops(),
-        "threshold": thr,
+        "threshold": threshold_value(thr),
         "shape": [H, W],
         "tokens": gh * gw,
         "paper_gflops": _paper_gflops(p, thr, (H, W), dynamic=False),
     }
 
 
-def flops_report(preset: str | Preset, ckpt: str | Path | None = None, threshold: float | None = None,
+def flops_report(preset: str | Preset, ckpt: str | Path | None = None, threshold: Threshold | None = None,
                  images: int | None = None, shape: Sequence[int] | None = None,
                  data_root: str | Path = "data", overrides: list[str] | None = None,
                  device: str | None = None, progress: Progress | None = None) -> dict:
@@ -118,7 +119,7 @@ def flops_report(preset: str | Preset, ckpt: str | Path | None = None, threshold
     if shape is not None and tuple(int(v) for v in shape) != tuple(p.data.crop):
         raise UserError("--shape applies without --ckpt; the dataset measurement uses the preset's crop")
     if threshold is not None:
-        threshold = check_threshold(threshold)
+        threshold = check_threshold(threshold, stages=p.num_stages - 1)
     with contextlib.redirect_stdout(sys.stderr):  # mmengine logs to stdout; --json owns it
         model = api.load_model(p, ckpt, threshold=threshold, device=api.resolve_device(device))
         ds = val_dataset(p, data_root, images)

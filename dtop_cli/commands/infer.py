@@ -28,6 +28,7 @@ import numpy as np
 from .. import viz
 from ..errors import UserError
 from ..fsutil import atomic_write, check_out_dir
+from ..presets import Threshold, format_threshold, threshold_value
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 OUTPUT_KINDS = ("labels", "overlay", "exits", "panel")
@@ -125,7 +126,7 @@ def run_infer(
     preset,
     ckpt: Path,
     out_dir: Path,
-    threshold: float | None = None,
+    threshold: Threshold | None = None,
     device: str = "cpu",
     on_result: Callable[[dict], None] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
@@ -171,7 +172,7 @@ def run_infer(
         pred = api.predict(model, image)
         stem = _output_stem(path, used)
         gf = "n/a" if pred.gflops is None else f"{pred.gflops:.3g}"
-        title = f"{path.name}: threshold {model.threshold:g}, {gf} GFLOPs"
+        title = f"{path.name}: threshold {format_threshold(model.threshold)}, {gf} GFLOPs"
         outputs = {}
         for kind, data in render(model, image, pred, title).items():
             target = out_dir / f"{stem}_{kind}.png"
@@ -181,7 +182,7 @@ def run_infer(
             "image": str(path),
             "height": int(image.shape[0]),
             "width": int(image.shape[1]),
-            "threshold": float(model.threshold),
+            "threshold": threshold_value(model.threshold),
             "gflops": None if pred.gflops is None else float(pred.gflops),
             "gflops_protocol": float(pred.gflops_protocol),
             "exit_share": [float(s) for s in pred.exit_share],
@@ -201,4 +202,4 @@ def run_infer(
                 pass
         total = len(found.files) + len(found.problems)
         raise UserError(f"none of the {total} inputs could be read as an image")
-    return {"images": results, "skipped": skipped, "out": str(out_dir), "threshold": float(model.threshold)}
+    return {"images": results, "skipped": skipped, "out": str(out_dir), "threshold": threshold_value(model.threshold)}

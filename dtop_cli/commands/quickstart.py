@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 from ..console import Progress
 from ..errors import UserError
 from ..fsutil import atomic_write, check_work_dir
-from ..presets import load_preset
+from ..presets import format_threshold, load_preset
 
 PRESET = "tiny-synthetic"
 
@@ -84,7 +84,7 @@ def quickstart(
                                     pretrained=pre["path"], seed=seed, validate=False),
                  console)
     if console is not None:
-        console.print(f"[bold]4/5[/] pruned fine-tuning (threshold {preset.exit.threshold:g})")
+        console.print(f"[bold]4/5[/] pruned fine-tuning (threshold {format_threshold(preset.exit.threshold)})")
     pruned = train(preset, RunOptions("prune", data_root=data_root, work_dir=wd / "prune", max_iters=prune_iters,
                                       base_checkpoint=base["checkpoint"], seed=seed, validate=False),
                    console)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from ..presets import Preset
+from ..presets import Preset, Threshold, threshold_value
 
 
 def head_config(preset: Preset, aux: bool = False) -> dict:
@@ -55,13 +55,14 @@ def test_config(preset: Preset) -> dict:
     return dict(mode="whole")
 
 
-def model_config(preset: Preset, threshold: Optional[float] = None, pretrained: Optional[str] = None,
+def model_config(preset: Preset, threshold: Optional[Threshold] = None, pretrained: Optional[str] = None,
                  frozen: Sequence[str] = ()) -> dict:
     """mmseg config dict of the DToP segmentor described by `preset`.
 
-    threshold: exit threshold of the built model (default: the preset's). pretrained: path
-    of mmseg-format ViT weights loaded into the backbone by `init_weights`. frozen: parts
-    the run does not train (a phase's ``schedule.<phase>.frozen``).
+    threshold: exit threshold of the built model, one number or one per non-final stage
+    (default: the preset's). pretrained: path of mmseg-format ViT weights loaded into the
+    backbone by `init_weights`. frozen: parts the run does not train (a phase's
+    ``schedule.<phase>.frozen``).
     """
     m, d = preset.model, preset.data
     return dict(
@@ -93,7 +94,7 @@ def model_config(preset: Preset, threshold: Optional[float] = None, pretrained: 
         ),
         decode_head=head_config(preset),
         auxiliary_head=[head_config(preset, aux=True) for _ in m.stage_ends[:-1]],
-        exit_cfg=dict(threshold=preset.exit.threshold if threshold is None else float(threshold),
+        exit_cfg=dict(threshold=threshold_value(preset.exit.threshold if threshold is None else threshold),
                       keep_topk=preset.exit.keep_topk),
         frozen=list(frozen),
         added_keys=["auxiliary_head"] if m.aux_heads_added else [],
@@ -102,7 +103,7 @@ def model_config(preset: Preset, threshold: Optional[float] = None, pretrained: 
     )
 
 
-def build_model(preset: Preset, threshold: Optional[float] = None, pretrained: Optional[str] = None):
+def build_model(preset: Preset, threshold: Optional[Threshold] = None, pretrained: Optional[str] = None):
     """Build the segmentor through mmseg's registry (registers dtop's modules first)."""
     from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS

@@ -17,7 +17,9 @@ cover every count. A stage met at a new width first runs eagerly (that run is th
 forward's work and the capture's warm-up), then is captured for the next time.
 
 The dense model (threshold 1.0: no decisions, no host reads) is captured whole, so a
-dense/pruned comparison gives both the same treatment.
+dense/pruned comparison gives both the same treatment. With per-stage thresholds every
+stage of a pruned forward runs its head (a stage at 1.0 then retires nothing), where the
+eager forward skips that head: same result, a little more work.
 
 With ``capture=False`` the same staged program runs without graphs on any device: the
 tests check it against the eager forward on a CPU.
@@ -90,7 +92,7 @@ class _State:
         )
 
 
-def stage_body(model, st: _State, s: int, width: int, padded: bool, threshold: float, keep_topk: int) -> None:
+def stage_body(model, st: _State, s: int, width: int, padded: bool, threshold: tuple, keep_topk: int) -> None:
     """Stage s of a pruned forward on the first `width` slots of the buffers, in place.
 
     The eager forward's stage (``DToPSegmentor._forward_eager``): the same layers, head,
@@ -204,7 +206,7 @@ class StageGraphRunner:
     # ------------------------------------------------------------------ forward
     def forward(self, model, inputs: Tensor, forced_exits: Optional[List[Tensor]] = None):
         with torch.inference_mode(False), torch.no_grad():
-            if not (float(model.threshold) < 1.0 or forced_exits is not None):
+            if not (min(model.stage_thresholds(), default=1.0) < 1.0 or forced_exits is not None):
                 return self._forward_dense(model, inputs)
             return self._forward_pruned(model, inputs, forced_exits)
 
@@ -237,7 +239,7 @@ class StageGraphRunner:
 
     def _forward_pruned(self, model, inputs: Tensor, forced_exits: Optional[List[Tensor]]):
         forced = forced_exits is not None
-        threshold, keep_topk = float(model.threshold), int(model.keep_topk)
+        threshold, keep_topk = model.stage_thresholds(), int(model.keep_topk)
         key = self._key(model, inputs, forced, None if forced else threshold, keep_topk)
         st = self._states.get(key)
         if st is None:
@@ -256,7 +258,7 @@ class StageGraphRunner:
                 width, padded = next_width(hi, lo, width, self.bucket)
         return st.output()
 
-    def _run_stage(self, model, st: _State, s: int, width: int, padded: bool, threshold: float,
+    def _run_stage(self, model, st: _State, s: int, width: int, padded: bool, threshold: tuple,
                    keep_topk: int) -> None:
         def fn() -> None:
             stage_body(model, st, s, width, padded, threshold, keep_topk)

@@ -21,6 +21,8 @@ gradient.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -31,17 +33,52 @@ from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 from torch import Tensor
 
+from ..errors import UserError
+from ..presets import Threshold, check_threshold, stage_thresholds
 from . import exits as X
 from .exits import DToPOutput
 from .graphs import StageGraphRunner
+from .memo import StageMemo, input_digest, mask_digest
+
+
+@dataclass
+class _Carry:
+    """What the staged forward carries from one stage to the next (see ``_forward_eager``).
+
+    x (B, L, D) the active tokens; cls (B, 1, D) the class token (None: the backbone has
+    none), which runs beside them and never exits; pos (B, L) their grid index (None: all, in order); valid
+    (B, L) real slots (None: no padding); masks / presence: the last head's output on the
+    active slots; merged (B, K, N) every token's mask logits from its latest head.
+    """
+
+    x: Tensor
+    cls: Optional[Tensor]
+    grid: tuple
+    B: int
+    running: "int | Tensor"
+    exit_stage: Tensor
+    counts: Tensor
+    stage_presence: list
+    stage_masks: list
+    pos: Optional[Tensor] = None
+    valid: Optional[Tensor] = None
+    merged: Optional[Tensor] = None
+    masks: Optional[Tensor] = None
+    presence: Optional[Tensor] = None
+
+    def copy(self) -> "_Carry":
+        """A copy whose in-place updates (exit marks, counts) leave this one as it is."""
+        return dataclasses.replace(self, exit_stage=self.exit_stage.clone(), counts=self.counts.clone(),
+                                   stage_presence=list(self.stage_presence), stage_masks=list(self.stage_masks))
 
 
 @MODELS.register_module()
 class DToPSegmentor(EncoderDecoder):
     """mmseg segmentor running DToP.
 
-    exit_cfg: dict(threshold=float in (0, 1], keep_topk=int). `threshold` can be changed on a
-    built model (evaluation at another threshold). `eval_stage` (1..S or None) makes
+    exit_cfg: dict(threshold=float in (0, 1] or one per non-final stage, keep_topk=int).
+    `threshold` can be changed on a built model (evaluation at another threshold, through
+    ``exit_mode``). `eval_stage` (1..S or None) makes
     inference output the given head's own prediction (per-stage mIoU of a base model).
     """
 
@@ -58,7 +95,8 @@ class DToPSegmentor(EncoderDecoder):
         n_stages = len(self.backbone.stage_ends)
         if len(self.auxiliary_head) != n_stages - 1:
             raise ValueError(f"{n_stages} stages need {n_stages - 1} auxiliary heads, got {len(self.auxiliary_head)}")
-        self.threshold = float(exit_cfg.get("threshold", 1.0))
+        self.threshold: Threshold = 1.0
+        self.threshold = self.checked_threshold(exit_cfg.get("threshold", 1.0))
         self.keep_topk = int(exit_cfg.get("keep_topk", 5))
         self.eval_stage: Optional[int] = None
         # set by enable_cuda_graphs(): replays captured stages instead of the eager forward
@@ -89,6 +127,8 @@ class DToPSegmentor(EncoderDecoder):
         """Whether the CUDA-graph runner can run this model: it is written for ATM heads on
         a backbone without a class token (SegViT) and is untested on anything else."""
         return not self.backbone.with_cls_token and all(h.kind == "atm" for h in self.heads())
+        # set by exit_mode(memo=...): stage work reused across evaluations of one image
+        self.stage_memo: Optional[StageMemo] = None
 
     @property
     def num_stages(self) -> int:
@@ -111,54 +151,78 @@ class DToPSegmentor(EncoderDecoder):
         return self._forward_eager(inputs, forced_exits)
 
     def _forward_eager(self, inputs: Tensor, forced_exits: Optional[List[Tensor]] = None) -> DToPOutput:
-        """The forward op by op (what the graph runner captures for the dense model)."""
-        prune = self.threshold < 1.0 or forced_exits is not None
-        need_all_heads = self.training or prune or self.eval_stage is not None
-        x, (gh, gw) = self.backbone.embed(inputs)
-        B, N = x.shape[:2]
-        cls = self.backbone.class_token(B)  # (B, 1, D) or None: never exits
+        """The forward op by op (what the graph runner captures for the dense model).
+
+        A non-final stage runs its head only where it can retire tokens (its threshold < 1),
+        in training (deep supervision), with forced exits or for ``eval_stage``. With a
+        ``memo`` (inference only) a stage whose inputs were seen before (same image, same
+        exits at every earlier stage) is taken from it.
+        """
+        thresholds = self.stage_thresholds()
+        forced = forced_exits is not None
+        prune = forced or min(thresholds, default=1.0) < 1.0
+        all_heads = self.training or forced or self.eval_stage is not None
+        memo = None if (self.training or forced or self.eval_stage is not None) else self.stage_memo
+        digest = input_digest(inputs) if memo is not None else None
+        decided: list = []  # per stage so far: its exits' fingerprint ("-": its head did not run)
         S = self.num_stages
         heads = self.heads()
-        pos: Optional[Tensor] = None  # (B, L) token index of each slot; None = all tokens in order
-        valid: Optional[Tensor] = None  # (B, L) real slots; None = no padding
-        merged: Optional[Tensor] = None  # (B, K, N) mask logits from each token's latest head
-        exit_stage = torch.full((B, N), S, dtype=torch.long, device=x.device)
-        counts = torch.empty(B, S, dtype=torch.long, device=x.device)
-        running: "int | Tensor" = N  # tokens per image the next stage runs on
-        stage_presence: List[Optional[Tensor]] = [None] * S
-        stage_masks: List[Optional[Tensor]] = [None] * S
-        presence = None
+        c: Optional[_Carry] = None
         for s, (start, end) in enumerate(self.backbone.stage_bounds()):
-            counts[:, s] = running
-            x, cls = self.backbone.run_stage(x, cls, start, end, valid)
             last = s == S - 1
-            if not (last or need_all_heads):
-                continue
-            presence, masks = heads[s](x, valid)
-            merged = masks if pos is None else X.scatter_tokens(merged, masks, pos, valid)
-            stage_presence[s] = presence
-            stage_masks[s] = merged.view(B, -1, gh, gw)
-            if last or not prune:
+            run_head = last or all_heads or (prune and thresholds[s] < 1.0)
+            key = None if memo is None else (digest, self.keep_topk, s, tuple(decided), run_head)
+            hit = memo.get(key) if key is not None else None
+            if hit is not None:
+                c = hit.copy()
+            else:
+                c = self._embed(inputs) if c is None else c
+                c.counts[:, s] = c.running
+                c.x, c.cls = self.backbone.run_stage(c.x, c.cls, start, end, c.valid)
+                if run_head:
+                    presence, c.masks = heads[s](c.x, c.valid)
+                    c.merged = c.masks if c.pos is None else X.scatter_tokens(c.merged, c.masks, c.pos, c.valid)
+                    c.presence = c.stage_presence[s] = presence
+                    c.stage_masks[s] = c.merged.view(c.B, -1, *c.grid)
+                if key is not None:
+                    memo.put(key, c.copy())
+            if last or not (prune and run_head):
+                decided.append("-")
                 continue
             with torch.no_grad():
-                leaving = self.leaving_tokens(s, presence, masks, valid, pos, forced_exits)
-                plan = X.exit_plan(leaving, valid)  # the one host read of a stage
+                leaving = self.leaving_tokens(s, c.presence, c.masks, c.valid, c.pos, forced_exits)
+                plan = X.exit_plan(leaving, c.valid)  # the one host read of a stage
+                if memo is not None:
+                    decided.append(None if plan is None else mask_digest(plan.leaving))
                 if plan is None:
                     continue
-                X.mark_exits(exit_stage, plan.leaving, pos, s + 1)
-                valid = plan.valid
-                pos = plan.idx if pos is None else X.gather_tokens(pos, plan.idx)
-                running = plan.counts
-            x = X.gather_tokens(x, plan.idx)
+                X.mark_exits(c.exit_stage, plan.leaving, c.pos, s + 1)
+                c.valid = plan.valid
+                c.pos = plan.idx if c.pos is None else X.gather_tokens(c.pos, plan.idx)
+                c.running = plan.counts
+            c.x = X.gather_tokens(c.x, plan.idx)
         out_stage = S if self.eval_stage is None else self.eval_stage
         head = heads[out_stage - 1]
-        if out_stage == S and pos is None and hasattr(head, "dense_scores"):
+        if out_stage == S and c.pos is None and hasattr(head, "dense_scores"):
             # no token left early: the head's own dense computation (mmseg's, for SETR:
             # upsample the features, then classify), equal to class_scores up to rounding
-            scores = head.dense_scores(x, (gh, gw))
+            scores = head.dense_scores(c.x, c.grid)
         else:
-            scores = head.class_scores(stage_presence[out_stage - 1], stage_masks[out_stage - 1])
-        return DToPOutput(scores, exit_stage.view(B, gh, gw), counts, stage_presence, stage_masks)
+            scores = head.class_scores(c.stage_presence[out_stage - 1], c.stage_masks[out_stage - 1])
+        return DToPOutput(scores, c.exit_stage.view(c.B, *c.grid), c.counts, c.stage_presence, c.stage_masks)
+
+    def _embed(self, inputs: Tensor) -> "_Carry":
+        x, grid = self.backbone.embed(inputs)
+        B, N = x.shape[:2]
+        S = self.num_stages
+        return _Carry(x=x, cls=self.backbone.class_token(B), grid=tuple(grid), B=B, running=N,
+                      exit_stage=torch.full((B, N), S, dtype=torch.long, device=x.device),
+                      counts=torch.empty(B, S, dtype=torch.long, device=x.device),
+                      stage_presence=[None] * S, stage_masks=[None] * S)
+
+    def stage_thresholds(self) -> tuple[float, ...]:
+        """The exit threshold of each non-final stage (``threshold`` may be one for all)."""
+        return stage_thresholds(self.threshold, self.num_stages - 1)
 
     def leaving_tokens(self, s: int, presence: Tensor, masks: Tensor, valid: Optional[Tensor],
                        pos: Optional[Tensor], forced_exits: Optional[List[Tensor]]) -> Tensor:
@@ -169,27 +233,40 @@ class DToPSegmentor(EncoderDecoder):
             leaving = leaving if pos is None else leaving.gather(1, pos)
             return leaving if valid is None else leaving & valid
         confidence = self.heads()[s].confidence(presence, masks)
-        return X.exit_decision(confidence, self.threshold, self.keep_topk, valid)
+        return X.exit_decision(confidence, self.stage_thresholds()[s], self.keep_topk, valid)
 
     @contextlib.contextmanager
-    def exit_mode(self, threshold: Optional[float] = None, stage: Optional[int] = None) -> Iterator[None]:
+    def exit_mode(self, threshold: Optional[Threshold] = None, stage: Optional[int] = None,
+                  memo: Optional[StageMemo] = None) -> Iterator[None]:
         """Inference settings for the duration of a ``with`` block, restored afterwards.
 
-        threshold: evaluate at this exit threshold instead of the model's own. stage (1..S):
-        output that head's own prediction (per-stage mIoU); None keeps the final one. The
-        only place outside the constructor that changes these attributes.
+        threshold: evaluate at this exit threshold (one number, or one per non-final stage)
+        instead of the model's own. stage (1..S): output that head's own prediction
+        (per-stage mIoU); None keeps the final one. memo: reuse stage work across calls
+        (see :mod:`.memo`). The only place outside the constructor that changes these
+        attributes.
         """
-        saved = (self.threshold, self.eval_stage)
+        saved = (self.threshold, self.eval_stage, self.stage_memo)
         try:
             if threshold is not None:
-                self.threshold = float(threshold)
+                self.threshold = self.checked_threshold(threshold)
+            if memo is not None:
+                self.stage_memo = memo
             if stage is not None:
                 if not 1 <= int(stage) <= self.num_stages:
                     raise ValueError(f"stage must be in 1..{self.num_stages}, got {stage}")
                 self.eval_stage = int(stage)
             yield
         finally:
-            self.threshold, self.eval_stage = saved
+            self.threshold, self.eval_stage, self.stage_memo = saved
+
+    def checked_threshold(self, threshold: Threshold) -> Threshold:
+        """A threshold in the model's form: a float, or a tuple with one per non-final stage
+        (ValueError for a value outside (0, 1] or a wrong count)."""
+        try:
+            return check_threshold(threshold, "threshold", stages=self.num_stages - 1)
+        except UserError as e:
+            raise ValueError(str(e)) from None
 
     def enable_cuda_graphs(self, bucket: int = 16, capture: bool = True) -> None:
         """Replay inference as CUDA graphs (one per stage and padded width; the dense model

@@ -20,7 +20,7 @@ from mmengine.config import Config
 from ..data.mmseg import dataset_config, pipelines
 from ..errors import UserError
 from ..fsutil import atomic_write
-from ..presets import Preset, check_threshold, replace
+from ..presets import Preset, Threshold, check_threshold, replace, threshold_value
 from .tracking import MEAN_PATTERN, check_trackers
 from .tracking import vis_backends as tracking_backends
 
@@ -51,7 +51,7 @@ class RunOptions:
     work_dir: Optional[PathLike] = None
     base_checkpoint: Optional[PathLike] = None
     max_iters: Optional[int] = None
-    threshold: Optional[float] = None
+    threshold: Optional[Threshold] = None
     topk: Optional[int] = None
     amp: bool = False
     resume: Union[bool, str] = False  # False, True (must exist) or "auto" (if one exists)
@@ -76,8 +76,8 @@ class RunOptions:
         if self.topk is not None and self.topk < 0:
             raise UserError(f"--topk must be >= 0 (got {self.topk})")
         if self.threshold is not None:
-            check_threshold(self.threshold)
-            if self.phase == "base" and self.threshold != 1.0:
+            t = check_threshold(self.threshold)
+            if self.phase == "base" and t != 1.0:
                 raise UserError("the base phase trains with threshold 1.0; use `dtop prune --thresh` for exits")
         if self.resume not in RESUME_MODES:
             raise UserError(f"--resume takes no value or 'auto' (got {self.resume!r})")
@@ -101,11 +101,13 @@ class RunOptions:
             preset = replace(preset, **{"exit.keep_topk": int(self.topk)})
         return preset
 
-    def run_threshold(self, preset: Preset) -> float:
-        """The exit threshold the run trains with: 1.0 for base, else --thresh or the preset's."""
+    def run_threshold(self, preset: Preset) -> Union[float, list[float]]:
+        """The exit threshold the run trains with: 1.0 for base, else --thresh or the preset's
+        (a number, or a list with one per non-final stage)."""
         if self.phase == "base":
             return 1.0
-        return preset.exit.threshold if self.threshold is None else float(self.threshold)
+        t = preset.exit.threshold if self.threshold is None else self.threshold
+        return threshold_value(check_threshold(t, stages=preset.num_stages - 1))
 
     def resolved_work_dir(self, preset: Preset) -> Path:
         """``--work-dir``, by default ``work_dirs/<preset>/<phase>``."""
