@@ -101,6 +101,8 @@ class DToPSegmentor(EncoderDecoder):
         self.eval_stage: Optional[int] = None
         # set by enable_cuda_graphs(): replays captured stages instead of the eager forward
         self.graph_runner = None
+        # set by exit_mode(memo=...): stage work reused across evaluations of one image
+        self.stage_memo: Optional[StageMemo] = None
         # parameter-name prefixes this run does not train (preset schedule.<phase>.frozen)
         self.frozen = tuple(frozen)
         # parameter-name prefixes the model files this preset loads do not have (added heads)
@@ -127,8 +129,6 @@ class DToPSegmentor(EncoderDecoder):
         """Whether the CUDA-graph runner can run this model: it is written for ATM heads on
         a backbone without a class token (SegViT) and is untested on anything else."""
         return not self.backbone.with_cls_token and all(h.kind == "atm" for h in self.heads())
-        # set by exit_mode(memo=...): stage work reused across evaluations of one image
-        self.stage_memo: Optional[StageMemo] = None
 
     @property
     def num_stages(self) -> int:
