@@ -189,6 +189,9 @@ class LossCfg:
     #: weight of each auxiliary head's loss for per-pixel heads (mmseg's SETR: 0.4); the ATM
     #: terms above apply to ATM heads only
     aux_weight: float = 1.0
+    #: ATM mask terms on every n-th label pixel in each direction (1: every pixel, as the
+    #: paper). The CPU demo uses 2: a quarter of the per-pixel work of its training steps.
+    label_stride: int = field(default=1, metadata={"check": (lambda v: 1 <= v <= 16, "an integer in 1..16")})
 
 
 @dataclass(frozen=True)

@@ -200,3 +200,24 @@ def test_matrix_upsampling_equals_interpolate(size: tuple[int, int]) -> None:
     (g1,) = torch.autograd.grad((ours * w).sum(), x)
     (g2,) = torch.autograd.grad((ref * w).sum(), x)
     assert torch.allclose(g1, g2, atol=1e-12)
+
+
+def test_label_stride_takes_the_mask_terms_on_a_subgrid() -> None:
+    """label_stride k: the mask terms equal those of the labels' every k-th pixel (the
+    class presence still reads every pixel)."""
+    g = torch.Generator().manual_seed(5)
+    B, K = 2, 5
+    small = torch.randint(0, K, (B, 12, 16), generator=g)
+    small[0, :3] = IGNORE
+    labels = small.repeat_interleave(2, -1).repeat_interleave(2, -2)  # 2x2 blocks: same classes on the subgrid
+    presence = torch.randn(B, K, 2, generator=g)
+    masks = torch.randn(B, K, 6, 8, generator=g)
+    for ignored in ("negative", "excluded"):
+        strided = ATMLoss(K, ignored_pixels=ignored, label_stride=2)(presence, masks, labels)
+        direct = ATMLoss(K, ignored_pixels=ignored)(presence, masks, small)
+        for k in strided:
+            assert torch.allclose(strided[k], direct[k], atol=1e-6), (ignored, k)
+    full = ATMLoss(K)(presence, masks, labels)
+    assert not torch.allclose(full["loss_mask"], ATMLoss(K, label_stride=2)(presence, masks, labels)["loss_mask"])
+    with pytest.raises(ValueError, match="label_stride"):
+        ATMLoss(K, label_stride=0)

@@ -44,6 +44,7 @@ def head_config(preset: Preset, aux: bool = False) -> dict:
             focal_gamma=lo.focal_gamma,
             ignore_index=255,
             ignored_pixels=lo.ignored_pixels,
+            label_stride=lo.label_stride,
         ),
     )
 

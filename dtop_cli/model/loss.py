@@ -164,7 +164,7 @@ class ATMLoss(nn.Module):
     def __init__(self, num_classes: int, cls_weight: float = 1.0, absent_weight: float = 0.1,
                  focal_weight: float = 20.0, dice_weight: float = 1.0, focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0, ignore_index: int = 255, ignored_pixels: str = "negative",
-                 loss_name: str = "loss_atm") -> None:
+                 label_stride: int = 1, loss_name: str = "loss_atm") -> None:
         super().__init__()
         if ignored_pixels not in IGNORED_PIXELS:
             raise ValueError(f"ignored_pixels must be one of {IGNORED_PIXELS}, got {ignored_pixels!r}")
@@ -176,6 +176,9 @@ class ATMLoss(nn.Module):
         self.focal_gamma = focal_gamma
         self.ignore_index = ignore_index
         self.ignored_pixels = ignored_pixels
+        if label_stride < 1:
+            raise ValueError(f"label_stride must be >= 1, got {label_stride}")
+        self.label_stride = int(label_stride)
         self.criterion = _Criterion(absent_weight)
         self._loss_name = loss_name
 
@@ -197,6 +200,11 @@ class ATMLoss(nn.Module):
         b_idx, c_idx = present.nonzero(as_tuple=True)
         # every process takes part in the all-reduce, also one that saw no labelled pixel
         num_masks = global_mask_count(int(b_idx.numel()), presence_logits.device)
+        if self.label_stride > 1:  # the mask terms on a regular subset of the label pixels
+            k = self.label_stride
+            labels = labels[:, k // 2::k, k // 2::k]
+            valid = labels != self.ignore_index
+            flat = torch.where(valid, labels, torch.full_like(labels, K)).flatten(1)
         if b_idx.numel():
             sel = upsample_bilinear(mask_logits[b_idx, c_idx].float(), labels.shape[-2:]).flatten(1)
             tgt = (flat[b_idx] == c_idx.unsqueeze(1)).float()
