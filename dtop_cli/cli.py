@@ -206,8 +206,13 @@ def _train_hint(dataset: str, data_root: Path) -> str:
     """`dtop train` for the presets that read ``dataset``."""
     from . import presets as P
 
-    names = [n for n in P.available() if P.load_preset(n).data.dataset == dataset]
-    first = names[-1] if names else "NAME"  # the larger model of a dataset sorts last
+    presets = {n: P.load_preset(n) for n in P.available()}
+    names = [n for n, p in presets.items() if p.data.dataset == dataset]
+    # the paper's own model (ATM head) is what one trains; the model-zoo presets (SETR,
+    # Segmenter) start from published weights and come after it. The larger model of a
+    # dataset sorts last.
+    trained = [n for n in names if presets[n].model.head.type == "atm"] or names
+    first = trained[-1] if trained else "NAME"
     more = f" (or: {', '.join(n for n in names if n != first)})" if len(names) > 1 else ""
     return f"dtop train --preset {first}{_data_root_flag(data_root)}{more}"
 
