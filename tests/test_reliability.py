@@ -360,6 +360,8 @@ def test_bf16_autocast_trains_with_exits_and_predicts_like_fp32(data_root: Path,
     fp32 inference of the same weights. The weights are first fitted (fp32) to a few images:
     an untrained model's near-uniform scores would flip under any rounding, a trained one's
     do not."""
+    import random
+
     import numpy as np
     import torch
     from mmengine.dataset import pseudo_collate
@@ -372,8 +374,6 @@ def test_bf16_autocast_trains_with_exits_and_predicts_like_fp32(data_root: Path,
     from dtop_cli.model.build import build_model
     from dtop_cli.presets import load_preset
     from dtop_cli.runtime.config import RunOptions, build_config
-
-    import random
     random.seed(0)
     np.random.seed(0)  # the train pipeline's flips draw from numpy
     torch.manual_seed(0)
