@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .presets import heads_that_run
+
 GIGA = 1e9
 
 # Ops the exit path and the elementwise math emit. fvcore counts data movement, comparisons
@@ -300,7 +302,7 @@ def aux_heads_active(model: nn.Module) -> list[bool]:
     threshold < 1), or all of them when their own prediction is asked for (``eval_stage``)."""
     if getattr(model, "eval_stage", None) is not None:
         return [True] * (model.num_stages - 1)
-    return [t < 1.0 for t in model.stage_thresholds()]
+    return heads_that_run(model.threshold, model.num_stages - 1)
 
 
 def cost_from_counts(model: nn.Module, hw: tuple[int, int], counts: Sequence[int],

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -139,6 +139,19 @@ def stage_thresholds(threshold: Threshold, stages: int) -> tuple[float, ...]:
             raise UserError(f"{len(threshold)} per-stage thresholds for a model with {stages} non-final stage(s)")
         return tuple(float(t) for t in threshold)
     return (float(threshold),) * stages
+
+
+def from_stage_values(values: Sequence[float]) -> Threshold:
+    """One threshold per non-final stage in the model's form: the plain number when every
+    stage has the same one (so ``0.9,0.9`` and ``0.9`` are one setting, written once)."""
+    vals = tuple(float(v) for v in values)
+    return vals[0] if len(set(vals)) == 1 else vals
+
+
+def heads_that_run(threshold: Threshold, stages: int) -> list[bool]:
+    """Per non-final stage: whether inference runs its head (it can retire tokens only when
+    its threshold is below 1; at 1.0 the head is skipped)."""
+    return [t < 1.0 for t in stage_thresholds(threshold, stages)]
 
 
 def threshold_value(threshold: Threshold) -> Union[float, list[float]]:

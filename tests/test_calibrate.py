@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 import yaml
+from fitting import fit_tiny
 
 from dtop_cli.errors import UserError
 from dtop_cli.presets import check_threshold, format_threshold, load_preset, stage_thresholds
@@ -66,36 +66,7 @@ class Trained:
 
 
 def _train(preset_path: Path, data: Path, ckpt: Path) -> None:
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
-
-    from dtop_cli.model.build import build_model
-
-    p = load_preset(str(preset_path))
-    torch.manual_seed(0)
-    model = build_model(p, threshold=1.0).train()
-    imgs, labels = [], []
-    for f in sorted((data / "images" / "training").glob("*.jpg")):
-        imgs.append(torch.from_numpy(cv2.imread(str(f))).permute(2, 0, 1).contiguous())
-        ann = cv2.imread(str(data / "annotations" / "training" / f"{f.stem}.png"), cv2.IMREAD_UNCHANGED)
-        lab = ann.astype(np.int64) - 1
-        lab[lab < 0] = 255
-        labels.append(torch.from_numpy(lab))
-    opt = torch.optim.AdamW(model.parameters(), lr=p.optim.lr, weight_decay=p.optim.weight_decay)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        idx = torch.randperm(len(imgs), generator=g)[:4].tolist()
-        samples = []
-        for i in idx:
-            ds = SegDataSample()
-            ds.gt_sem_seg = PixelData(data=labels[i][None])
-            samples.append(ds)
-        batch = model.data_preprocessor({"inputs": [imgs[i] for i in idx], "data_samples": samples},
-                                        training=True)
-        loss = sum(model.loss(batch["inputs"], batch["data_samples"]).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, p = fit_tiny(preset_path, data, STEPS)
     torch.save({"meta": {"dtop": {"threshold": 0.95, "preset": p.name, "preset_yaml": p.to_yaml(),
                                   "data_root": str(data.parent)}},
                 "state_dict": model.state_dict()}, ckpt)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..metrics import token_shares
-from ..presets import check_threshold, prunes, stage_thresholds, threshold_value
+from ..presets import check_threshold, heads_that_run, prunes, threshold_value
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_SEED = 0  # positions of forced exits: fixed, so runs and machines compare
@@ -326,7 +326,7 @@ def run_bench(opts: BenchOptions, model=None, log: Callable[[str], None] = lambd
                 raise RuntimeError(f"forced exits ran {out.active_counts.tolist()}, expected {expected} per image")
         dense_gflops = gflops_from_counts(model, grid, [N] * S, out_hw=(H, W), aux_heads=False)
         # forced exits run every head; the exit rule skips the heads of stages at threshold 1.0
-        heads = True if shares is not None else [t < 1.0 for t in stage_thresholds(pruned_threshold, S - 1)]
+        heads = True if shares is not None else heads_that_run(pruned_threshold, S - 1)
         pruned_gflops = statistics.fmean(gflops_from_counts(model, grid, c, out_hw=(H, W), aux_heads=heads)
                                          for c in out.active_counts.tolist())
         mean_counts = counts.mean(0).tolist()

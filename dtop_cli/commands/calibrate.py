@@ -46,7 +46,14 @@ from ..errors import UserError
 from ..fsutil import atomic_save, atomic_write
 from ..measure import Progress, measure
 from ..model.memo import StageMemo
-from ..presets import Preset, Threshold, format_threshold, stage_thresholds, threshold_value
+from ..presets import (
+    Preset,
+    Threshold,
+    format_threshold,
+    from_stage_values,
+    stage_thresholds,
+    threshold_value,
+)
 
 SCALE = 1000  # thresholds are searched in thousandths
 LOWEST = 1  # 0.001: the most aggressive setting tried
@@ -120,8 +127,7 @@ class Search:
         return self.evaluations < self.max_evals
 
     def threshold(self, key: tuple) -> Threshold:
-        vals = tuple(k / SCALE for k in key)
-        return vals[0] if len(set(vals)) == 1 else vals
+        return from_stage_values([k / SCALE for k in key])
 
     def evaluate(self, key: tuple, step: str) -> Candidate:
         key = tuple(int(min(max(k, LOWEST), SCALE)) for k in key)

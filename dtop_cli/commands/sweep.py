@@ -26,7 +26,7 @@ from ..data.mmseg import val_dataset
 from ..errors import UserError
 from ..fsutil import atomic_write, check_out_dir
 from ..measure import Progress, measure
-from ..presets import Preset, Threshold, check_threshold, format_threshold
+from ..presets import Preset, Threshold, check_threshold, format_threshold, from_stage_values
 
 
 def parse_thresholds(text: str) -> list[float]:
@@ -47,10 +47,8 @@ def parse_thresholds(text: str) -> list[float]:
 def per_stage_grid(thresholds: Sequence[float], stages: int) -> list[Threshold]:
     """Every combination of the thresholds over the non-final stages (highest first); a
     combination with one value at every stage is that plain number."""
-    grid: list[Threshold] = []
-    for combo in itertools.product(sorted(thresholds, reverse=True), repeat=stages):
-        grid.append(combo[0] if len(set(combo)) == 1 else tuple(combo))
-    return grid
+    return [from_stage_values(combo) for combo in itertools.product(sorted(thresholds, reverse=True),
+                                                                    repeat=stages)]
 
 
 def read_calibration(path: Path) -> dict:

@@ -162,7 +162,7 @@ class DToPSegmentor(EncoderDecoder):
         forced = forced_exits is not None
         prune = forced or min(thresholds, default=1.0) < 1.0
         all_heads = self.training or forced or self.eval_stage is not None
-        memo = None if (self.training or forced or self.eval_stage is not None) else self.stage_memo
+        memo = None if all_heads else self.stage_memo  # inference at the model's own heads only
         digest = input_digest(inputs) if memo is not None else None
         decided: list = []  # per stage so far: its exits' fingerprint ("-": its head did not run)
         S = self.num_stages
